@@ -1,0 +1,35 @@
+"""decomp's public API: plan and apply structured-matrix rewrites of a PyTorch model.
+
+```python
+import passes
+opt = passes.optimize(model, example_inputs, target_memory=0.5, calibration=batches)
+opt.plan, opt.report          # per-weight choices (JSON round-trip), readable summary
+passes.apply(model, opt.plan, calibration=batches)   # replay without solving
+passes.save(opt, "out/"); passes.load("out/", model) # restore without solving or data
+```
+
+Importing this package pulls in torch, networkx and tqdm only: no triton, OR-Tools, onnx or
+transformers, and it does not touch CUDA.
+"""
+
+from passes.config import KeepConfig, TransformConfig
+from passes.lowrank import LowRankConfig
+from passes.pipeline import DEFAULT_TRANSFORMS, RewriteError, apply, load, optimize, save
+from passes.plan import Plan
+from passes.report import Report
+from passes.transform import TRANSFORMS
+
+__all__ = [
+    "optimize",
+    "apply",
+    "save",
+    "load",
+    "Plan",
+    "Report",
+    "TransformConfig",
+    "KeepConfig",
+    "LowRankConfig",
+    "DEFAULT_TRANSFORMS",
+    "TRANSFORMS",
+    "RewriteError",
+]
