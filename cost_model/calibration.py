@@ -136,9 +136,14 @@ def collect_statistics(
     model.eval()
     try:
         with torch.no_grad():
-            for batch in tqdm(list(batches), desc="calibration", unit="batch", disable=not progress):
+            for i, batch in enumerate(tqdm(list(batches), desc="calibration", unit="batch", disable=not progress)):
                 args, kwargs = split_inputs(batch)
-                model(*args, **kwargs)
+                try:
+                    model(*args, **kwargs)
+                except Exception as exc:  # any failure here means the batch does not fit the model
+                    raise CalibrationError(
+                        f"calibration batch {i} does not run through {type(model).__name__}: {type(exc).__name__}: {exc}"
+                    ) from exc
     finally:
         for h in handles:
             h.remove()

@@ -187,9 +187,12 @@ def optimize(
         name: [int(roofline_seconds(c.cost, profile) * 1e9) for c in cands] for name, cands in options.items()
     }
     budgets = {"memory": target_bytes}
+    dense_ns = sum(lat[0] for lat in latency.values())
     if target_latency is not None:
-        budgets["latency_ns"] = int(target_latency * sum(lat[0] for lat in latency.values()))
-    solution = _solve_with_latency(options, latency, budgets, fixed_bytes=fixed, time_limit_s=time_limit_s)
+        budgets["latency_ns"] = int(target_latency * dense_ns)
+    solution = _solve_with_latency(
+        options, latency, budgets, fixed_bytes=fixed, latency_dense_ns=dense_ns, time_limit_s=time_limit_s
+    )
     plan = Plan(
         {name: options[name][i].config for name, i in solution.choice.items()},
         {
@@ -245,7 +248,7 @@ def optimize(
     return optimized
 
 
-def _solve_with_latency(options, latency, budgets, *, fixed_bytes, time_limit_s):
+def _solve_with_latency(options, latency, budgets, *, fixed_bytes, latency_dense_ns, time_limit_s):
     from cost_model.solver import InfeasibleBudgetError, Option, solve  # imports OR-Tools only when it runs
 
     problem = {
@@ -257,6 +260,17 @@ def _solve_with_latency(options, latency, budgets, *, fixed_bytes, time_limit_s)
     try:
         return solve(problem, budgets, fixed={"memory": fixed_bytes}, time_limit_s=time_limit_s)
     except InfeasibleBudgetError as exc:
+        if exc.row == "latency_ns":
+            dense = latency_dense_ns
+            raise InfeasibleBudgetError(
+                f"target_latency of {exc.budget / dense:.3f} is infeasible: the fastest plan with these transforms "
+                f"is estimated at {exc.minimum / dense:.3f} of the dense latency; raise target_latency to at least "
+                f"{math.ceil(exc.minimum / dense * 1000) / 1000}",
+                row="latency_ns",
+                budget=exc.budget,
+                minimum=exc.minimum,
+                minimums=exc.minimums,
+            ) from None
         if exc.row != "memory":
             raise
         raise InfeasibleBudgetError(
