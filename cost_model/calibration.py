@@ -10,16 +10,16 @@ activation (q/k/v, gate/up) share one accumulator, found on the graph by
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ir import UseKind, WeightSite, shared_input_groups, split_inputs
+from ir import UseKind, WeightSite, WeightUse, shared_input_groups, split_inputs
 
-__all__ = ["SiteStats", "CalibrationError", "check_calibration", "collect_statistics"]
+__all__ = ["SiteStats", "CalibrationError", "check_calibration", "calibration_loss", "collect_statistics"]
 
 
 class CalibrationError(ValueError):
@@ -31,16 +31,21 @@ class SiteStats:
     """Calibration statistics of one site.
 
     Attributes:
-        covariance: ``XᵀX / rows`` of the input of the site's first non-lookup use, (in, in)
-            fp64; ``None`` for lookup-only tables. Shared (same object) between sites that read
+        covariance: ``XᵀX / rows`` of the input of the site's first linear-like use, (in, in)
+            fp64; ``None`` for lookup-only tables. Shared (same tensor) between sites that read
             the same activation.
-        token_counts: lookups per row, fp64, for lookup-only tables; else ``None``.
-        rows: activation rows (or lookups) accumulated.
+        token_counts: lookups per row (fp64) of the site's first lookup use, else ``None``.
+        rows: activation rows accumulated for the covariance (lookups for a lookup-only table).
+        sensitivity: per using module, the mean squared gradient of the calibration loss with
+            respect to one coordinate of that module's output, ``E‖∂L/∂y‖² / out_dim`` — the
+            diagonal-Fisher scale that turns an output error into a predicted loss increase.
+            Empty when sensitivities were not collected.
     """
 
     covariance: torch.Tensor | None
     token_counts: torch.Tensor | None
     rows: int
+    sensitivity: dict[str, float] = field(default_factory=dict)
 
 
 def _describe(tree: Any) -> list[tuple[str, torch.dtype | None, int | None]]:
@@ -83,83 +88,159 @@ def _rows_of(x: torch.Tensor, kind: UseKind) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def calibration_loss(output: Any, args: tuple, kwargs: dict, generator: torch.Generator) -> torch.Tensor:
+    """The scalar whose gradients define the sensitivities.
+
+    A language model (an output with ``.logits`` and integer ``input_ids``) gets its own
+    next-token cross-entropy, summed over tokens (the empirical Fisher). Any other model gets
+    a random projection ``⟨r, y⟩`` of its first output tensor, r ~ N(0, I): its squared
+    gradient, averaged over r, measures how a perturbation shows up in the output itself.
+    """
+    logits = getattr(output, "logits", None)
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if logits is not None and isinstance(ids, torch.Tensor) and not ids.is_floating_point() and logits.dim() == 3:
+        shift = logits[:, :-1].float()
+        return torch.nn.functional.cross_entropy(
+            shift.reshape(-1, shift.shape[-1]), ids[:, 1:].reshape(-1).to(shift.device), reduction="sum"
+        )
+    first = next(t for t in torch.utils._pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point())
+    r = torch.randn(first.shape, generator=generator, dtype=torch.float32).to(first.device)
+    return (first.float() * r).sum()
+
+
 def collect_statistics(
-    model: nn.Module, sites: Sequence[WeightSite], batches: Iterable[Any], *, progress: bool = True
+    model: nn.Module,
+    sites: Sequence[WeightSite],
+    batches: Iterable[Any],
+    *,
+    progress: bool = True,
+    sensitivity_batches: int = 2,
 ) -> dict[str, SiteStats]:
     """Run ``model`` over ``batches`` and accumulate each site's statistics.
 
     Args:
-        model: the model the sites were found on (hooks are added and removed; nothing else
-            about it changes).
+        model: the model the sites were found on (hooks are added and removed, parameters'
+            ``requires_grad`` flags are restored; nothing else about it changes).
         sites: weight sites from :func:`ir.find_weight_sites`.
         batches: calibration batches in the form of the example inputs.
         progress: show a progress bar.
+        sensitivity_batches: how many of the first batches also run a backward pass for the
+            sensitivities (0: none; the estimates are then relative output errors).
 
     Returns:
         Site name -> statistics.
     """
-    primary = {}
+    batches = list(batches)
+    cov_uses: dict[str, WeightUse] = {}  # site -> the linear-like use whose input is measured
+    count_uses: dict[str, WeightUse] = {}  # site -> the lookup use whose ids are counted
     for site in sites:
-        dense_uses = [u for u in site.uses if u.kind is not UseKind.EMBEDDING]
-        primary[site.name] = dense_uses[0] if dense_uses else site.uses[0]
-    groups = shared_input_groups({name: use.input_node for name, use in primary.items()})
+        for use in site.uses:
+            target = count_uses if use.kind is UseKind.EMBEDDING else cov_uses
+            target.setdefault(site.name, use)
+    groups = shared_input_groups({name: use.input_node for name, use in cov_uses.items()})
     leader_of = {name: group[0] for group in groups for name in group}
+    site_by_name = {s.name: s for s in sites}
 
-    sums: dict[str, torch.Tensor] = {}
-    rows: dict[str, int] = {}
+    sums: dict[tuple[str, str], torch.Tensor] = {}
+    rows: dict[tuple[str, str], int] = {}
 
-    def hook_for(name: str, kind: UseKind, size: int):
+    def add(key, value, n):
+        sums[key] = sums[key] + value if key in sums else value
+        rows[key] = rows.get(key, 0) + n
+
+    def cov_hook(name: str, kind: UseKind):
         def hook(_module, inputs):
-            x = inputs[0]
-            if kind is UseKind.EMBEDDING:
-                counts = torch.bincount(x.reshape(-1).cpu(), minlength=size).double()
-                sums[name] = sums[name] + counts if name in sums else counts
-                rows[name] = rows.get(name, 0) + x.numel()
-                return
-            flat = _rows_of(x.detach(), kind).float()
+            flat = _rows_of(inputs[0].detach(), kind).float()
             # fp32 per batch is exact enough for one batch; the running sum is kept in fp64.
-            second = (flat.T @ flat).double().cpu()
-            sums[name] = sums[name] + second if name in sums else second
-            rows[name] = rows.get(name, 0) + flat.shape[0]
+            add(("cov", name), (flat.T @ flat).double().cpu(), flat.shape[0])
+
+        return hook
+
+    def count_hook(name: str, size: int):
+        def hook(_module, inputs):
+            ids = inputs[0].reshape(-1).cpu()
+            add(("count", name), torch.bincount(ids, minlength=size).double(), ids.numel())
+
+        return hook
+
+    outputs: dict[str, torch.Tensor] = {}
+
+    def output_hook(path: str):
+        def hook(_module, _inputs, output):
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                outputs[path] = output
 
         return hook
 
     handles = []
-    site_by_name = {s.name: s for s in sites}
-    for name, use in primary.items():
-        if leader_of[name] != name:
-            continue
-        size = site_by_name[name].shape[0]
+    for name, use in cov_uses.items():
+        if leader_of[name] == name:
+            handles.append(model.get_submodule(use.module).register_forward_pre_hook(cov_hook(name, use.kind)))
+    for name, use in count_uses.items():
         module = model.get_submodule(use.module)
-        handles.append(module.register_forward_pre_hook(hook_for(name, use.kind, size)))
+        handles.append(module.register_forward_pre_hook(count_hook(name, site_by_name[name].shape[0])))
+    use_paths = sorted({u.module for s in sites for u in s.uses})
+    for path in use_paths:
+        handles.append(model.get_submodule(path).register_forward_hook(output_hook(path)))
+
+    grad_sq: dict[str, float] = {}
+    grad_rows: dict[str, int] = {}
+    generator = torch.Generator().manual_seed(0)
+    flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            for i, batch in enumerate(tqdm(list(batches), desc="calibration", unit="batch", disable=not progress)):
-                args, kwargs = split_inputs(batch)
-                try:
-                    model(*args, **kwargs)
-                except Exception as exc:  # any failure here means the batch does not fit the model
-                    raise CalibrationError(
-                        f"calibration batch {i} does not run through {type(model).__name__}: {type(exc).__name__}: {exc}"
-                    ) from exc
+        for i, batch in enumerate(tqdm(batches, desc="calibration", unit="batch", disable=not progress)):
+            args, kwargs = split_inputs(batch)
+            backward = i < sensitivity_batches
+            outputs.clear()
+            if backward:
+                for p in flags:  # gradients must flow through the graph; only outputs' grads are taken
+                    p.requires_grad_(True)
+            try:
+                with torch.set_grad_enabled(backward):
+                    out = model(*args, **kwargs)
+                    if backward:
+                        loss = calibration_loss(out, args, kwargs, generator)
+                        paths = list(outputs)
+                        grads = torch.autograd.grad(loss, [outputs[p] for p in paths], allow_unused=True)
+                        for path, g in zip(paths, grads):
+                            if g is not None:
+                                flat = g.detach().reshape(-1, g.shape[-1]) if g.dim() != 4 else g.detach().movedim(1, -1).reshape(-1, g.shape[1])
+                                grad_sq[path] = grad_sq.get(path, 0.0) + flat.double().pow(2).sum().item()
+                                grad_rows[path] = grad_rows.get(path, 0) + flat.numel()
+            except Exception as exc:  # any failure here means the batch does not fit the model
+                raise CalibrationError(
+                    f"calibration batch {i} does not run through {type(model).__name__}: {type(exc).__name__}: {exc}"
+                ) from exc
+            finally:
+                outputs.clear()
+                for p, flag in flags.items():
+                    p.requires_grad_(flag)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
 
     stats: dict[str, SiteStats] = {}
-    shared: dict[str, SiteStats] = {}
-    for name, use in primary.items():
-        leader = leader_of[name]
-        if leader not in sums:
-            raise CalibrationError(f"calibration never reached {use.module} (site {name}); is that module unused?")
-        if leader not in shared:
-            n = rows[leader]
-            if use.kind is UseKind.EMBEDDING:
-                shared[leader] = SiteStats(None, sums[leader], n)
-            else:
-                shared[leader] = SiteStats(sums[leader] / n, None, n)
-        stats[name] = shared[leader]
+    covariances: dict[str, torch.Tensor] = {}
+    for site in sites:
+        name = site.name
+        covariance = counts = None
+        n = 0
+        if name in cov_uses:
+            key = ("cov", leader_of[name])
+            if key not in sums:
+                raise CalibrationError(f"calibration never reached {cov_uses[name].module} (site {name}); is it unused?")
+            if key not in covariances:
+                covariances[key] = sums[key] / rows[key]
+            covariance, n = covariances[key], rows[key]
+        if name in count_uses:
+            key = ("count", name)
+            if key not in sums:
+                raise CalibrationError(f"calibration never reached {count_uses[name].module} (site {name}); is it unused?")
+            counts = sums[key]
+            n = n or rows[key]
+        sensitivity = {u.module: grad_sq[u.module] / grad_rows[u.module] for u in site.uses if u.module in grad_sq}
+        stats[name] = SiteStats(covariance, counts, n, sensitivity)
     return stats

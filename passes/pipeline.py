@@ -235,6 +235,11 @@ def optimize(
             if batches
             else "none (data-free weight-space estimates)"
         ),
+        error_units=(
+            "predicted loss increase (nats per token for a language model; Fisher-weighted output error)"
+            if ws.stats and any(st.sensitivity for st in ws.stats.values())
+            else "relative squared error (data-free: weight space)"
+        ),
         latency={
             "profile": profile.name,
             "rows": rows,

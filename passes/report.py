@@ -39,6 +39,7 @@ class Report:
     target_bytes: int
     solver: dict[str, Any]
     calibration: str
+    error_units: str = "relative squared output error"
     latency: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -84,6 +85,7 @@ class Report:
             f"{s.get('objective', 0):.4g} (bound {s.get('bound', 0):.4g}) over {len(self.sites)} sites"
         )
         lines.append(f"calibration: {self.calibration}")
+        lines.append(f"est. err = {self.error_units}, summed over each group")
         if self.latency:
             lat = self.latency
             lines.append(
@@ -91,7 +93,7 @@ class Report:
                 f"{lat['before_s'] * 1e3:.3f} ms -> {lat['after_s'] * 1e3:.3f} ms"
             )
         lines.append("")
-        header = f"{'layer pattern':<44} {'n':>4} {'changed':>7} {'bytes before':>13} {'bytes after':>13} {'sum err':>9}  choices"
+        header = f"{'layer pattern':<44} {'n':>4} {'changed':>7} {'bytes before':>13} {'bytes after':>13} {'est. err':>9}  choices"
         lines += [header, "-" * len(header)]
         for g in self.groups():
             top = sorted(g["choices"].items(), key=lambda kv: -kv[1])

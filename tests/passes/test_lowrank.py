@@ -84,11 +84,13 @@ def test_exact_rank_factorisation_reproduces_layer(kind):
     torch.testing.assert_close(model(x), ref)
 
 
-def test_activation_aware_estimate_is_the_measured_output_error(mlp_batches):
+@pytest.mark.parametrize("sensitivity_batches", [0, 4])
+def test_activation_aware_estimate_is_the_measured_output_error(mlp_batches, sensitivity_batches):
     torch.manual_seed(0)
     model = _Wrap(nn.Linear(48, 40))
     site = sites_from_modules(model, ["layer.weight"])[0]
-    ws = Workspace(stats=collect_statistics(model, [site], mlp_batches, progress=False))
+    stats = collect_statistics(model, [site], mlp_batches, progress=False, sensitivity_batches=sensitivity_batches)
+    ws = Workspace(stats=stats)
     x = torch.cat([b[0] for b in mlp_batches])
     w = model.layer.weight.detach().double()
     ref = x.double() @ w.T
@@ -97,8 +99,17 @@ def test_activation_aware_estimate_is_the_measured_output_error(mlp_batches):
         copy.load_state_dict(model.state_dict())
         T.rewrite(copy, site, cand.config, ws)
         a, b = copy.layer.up.detach().double(), copy.layer.down.detach().double()
-        measured = ((x.double() @ (a @ b).T - ref).pow(2).sum() / ref.pow(2).sum()).item()
-        assert measured == pytest.approx(cand.error, rel=1e-4, abs=1e-9)
+        sq_error = (x.double() @ (a @ b).T - ref).pow(2).sum()
+        if sensitivity_batches:
+            # The layer is the model's output, so the random-projection loss has E[g²] = 1 per
+            # coordinate (up to sampling of the projection) and the estimate is half the mean
+            # squared output error per row.
+            measured = 0.5 * (sq_error / x.shape[0]).item()
+            assert stats[site.name].sensitivity["layer"] == pytest.approx(1.0, rel=0.05)
+            assert measured == pytest.approx(cand.error, rel=0.05)
+        else:
+            measured = (sq_error / ref.pow(2).sum()).item()
+            assert measured == pytest.approx(cand.error, rel=1e-4, abs=1e-9)
 
 
 def test_activation_aware_beats_plain_svd_on_calibration_inputs(mlp_batches):
@@ -128,7 +139,7 @@ def test_singular_covariance_is_harmless(out_features):
     model = _Wrap(nn.Linear(48, out_features))
     ref = model(base)
     site = sites_from_modules(model, ["layer.weight"])[0]
-    ws = Workspace(stats=collect_statistics(model, [site], batches, progress=False))
+    ws = Workspace(stats=collect_statistics(model, [site], batches, progress=False, sensitivity_batches=0))
     cands = T.candidates(site, model, ws)
     at12 = next(c for c in cands if c.config.rank >= 12)
     T.rewrite(model, site, at12.config, ws)
