@@ -13,6 +13,7 @@ from cost_model.latency import (
     matmul_cost,
     roofline_seconds,
 )
+from cost_model.error import perturbation_error
 from cost_model.memory import dtype_size, format_bytes, stored_bytes
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "dtype_size",
     "format_bytes",
     "stored_bytes",
+    "perturbation_error",
 ]

@@ -305,7 +305,7 @@ class LowRankTransform(Transform):
     """The ``"lowrank"`` transform: one candidate per rank in :func:`candidate_ranks`."""
 
     name = "lowrank"
-    config_type = LowRankConfig
+    config_types = (LowRankConfig,)
 
     def candidates(self, site: WeightSite, model: nn.Module, ws: Workspace) -> list[Candidate]:
         if not self._supported(site, model):

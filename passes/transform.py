@@ -57,10 +57,10 @@ class Workspace:
 
 
 class Transform(abc.ABC):
-    """A transform family: candidate enumeration plus rewrite, keyed by its config type."""
+    """A transform family: candidate enumeration plus rewrite, keyed by its config types."""
 
     name: ClassVar[str]
-    config_type: ClassVar[type[TransformConfig]]
+    config_types: ClassVar[tuple[type[TransformConfig], ...]]
 
     @abc.abstractmethod
     def candidates(self, site: WeightSite, model: nn.Module, ws: Workspace) -> list[Candidate]:
@@ -78,7 +78,8 @@ _BY_CONFIG: dict[type, Transform] = {}
 def register_transform(transform: Transform) -> Transform:
     """Make ``transform`` available by name and by config type."""
     TRANSFORMS[transform.name] = transform
-    _BY_CONFIG[transform.config_type] = transform
+    for config_type in transform.config_types:
+        _BY_CONFIG[config_type] = transform
     return transform
 
 

@@ -185,3 +185,27 @@ def test_activation_aware_without_data_is_refused():
     site = sites_from_modules(model, ["layer.weight"])[0]
     with pytest.raises(ValueError, match="calibration"):
         T.rewrite(model, site, LowRankConfig(8, True), Workspace())
+
+
+@pytest.mark.parametrize("sensitivity_batches", [0, 2])
+@pytest.mark.parametrize("tied", [True, False])
+def test_closed_form_errors_agree_with_the_shared_error_function(tied, sensitivity_batches):
+    """Every rank's closed-form estimate equals cost_model.perturbation_error of its factors."""
+    from cost_model import perturbation_error
+    from ir import capture, find_weight_sites
+    from toy_models import tiny_llama, token_batches
+
+    model = tiny_llama(tied=tied, layers=1)
+    batches = token_batches(n=3)
+    sites, _ = find_weight_sites(capture(model, (batches[0][0][:1, :8],)), model)
+    stats = collect_statistics(model, sites, batches, progress=False, sensitivity_batches=sensitivity_batches)
+    ws = Workspace(stats=stats)
+    from passes.lowrank import factorize
+    from passes.lowrank import _as_matrix
+
+    for site in sites:
+        w = _as_matrix(site, model.get_parameter(site.name).detach()).double()
+        for cand in T.candidates(site, model, ws)[::5]:
+            a, b = factorize(site, model, cand.config, ws)
+            shared = perturbation_error(site, stats[site.name], w, w - a.double() @ b.double())
+            assert cand.error == pytest.approx(shared, rel=1e-3, abs=1e-12), (site.name, cand.config)
