@@ -38,7 +38,6 @@ float units.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import math
 import operator
@@ -48,6 +47,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from cost_model.greedy import Problem, greedy_choice, local_objective
 
 __all__ = ["Option", "Solution", "InfeasibleBudgetError", "solve", "solve_brute_force"]
 
@@ -133,20 +134,6 @@ class InfeasibleBudgetError(ValueError):
         self.minimums = dict(minimums or {})
 
 
-@dataclass
-class _Problem:
-    """Validated, array-shaped instance; per-node arrays may be pruned copies."""
-
-    nodes: list[str]
-    rows: tuple[str, ...]
-    budgets: dict[str, int]
-    fixed: dict[str, int]
-    capacity: np.ndarray  # (R,) int64: budget minus fixed cost, per row
-    index: list[np.ndarray]  # per node: the caller's option index of each kept option
-    errors: list[np.ndarray]  # per node: (n,) float64
-    costs: list[np.ndarray]  # per node: (n, R) int64
-
-
 def solve(
     options: Mapping[str, Sequence[Option]],
     budgets: Mapping[str, int],
@@ -194,7 +181,7 @@ def solve(
     if _fits(problem, best):
         return _finish(options, problem, best, "OPTIMAL", None, start)
 
-    greedy = _greedy(problem)
+    greedy = greedy_choice(problem)
     if greedy is not None:
         problem, greedy = _prune_above_greedy(problem, greedy)
     status, choice, bound = _solve_cpsat(problem, greedy, start + time_limit_s, workers, seed)
@@ -208,7 +195,7 @@ def solve(
                 "violates a budget; raise time_limit_s or loosen the budgets"
             )
         return _finish(options, problem, greedy, "GREEDY", bound, start)
-    if greedy is not None and _local_objective(problem, greedy) < _local_objective(problem, choice):
+    if greedy is not None and local_objective(problem, greedy) < local_objective(problem, choice):
         # CP-SAT may stop on the time limit before reaching its own hint's quality.
         choice = greedy
     return _finish(options, problem, choice, status, bound, start)
@@ -271,7 +258,7 @@ def _validate(
     options: Mapping[str, Sequence[Option]],
     budgets: Mapping[str, int],
     fixed: Mapping[str, int] | None,
-) -> _Problem:
+) -> Problem:
     rows = tuple(budgets)
     budget_values = {r: _as_int(budgets[r], f"budgets[{r!r}]") for r in rows}
     fixed_values = {r: _as_int(v, f"fixed[{r!r}]") for r, v in (fixed or {}).items()}
@@ -306,7 +293,7 @@ def _validate(
         errors.append(node_errors)
         costs.append(node_costs)
     index = [np.arange(len(e)) for e in errors]
-    return _Problem(nodes, rows, budget_values, fixed_values, capacity, index, errors, costs)
+    return Problem(nodes, rows, budget_values, fixed_values, capacity, index, errors, costs)
 
 
 def _as_int(value: Any, what: str) -> int:
@@ -316,7 +303,7 @@ def _as_int(value: Any, what: str) -> int:
         raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})") from None
 
 
-def _row_minimums(problem: _Problem) -> dict[str, int]:
+def _row_minimums(problem: Problem) -> dict[str, int]:
     """Smallest achievable total of each row when that row alone is minimised."""
     minimums = {}
     for j, r in enumerate(problem.rows):
@@ -325,7 +312,7 @@ def _row_minimums(problem: _Problem) -> dict[str, int]:
     return minimums
 
 
-def _check_rows_separately(problem: _Problem) -> None:
+def _check_rows_separately(problem: Problem) -> None:
     minimums = _row_minimums(problem)
     for r in problem.rows:
         budget, minimum = problem.budgets[r], minimums[r]
@@ -369,7 +356,7 @@ def _row_message(row: str, budget: int, minimum: int, fixed: int) -> str:
     )
 
 
-def _joint_infeasibility(problem: _Problem) -> InfeasibleBudgetError:
+def _joint_infeasibility(problem: Problem) -> InfeasibleBudgetError:
     minimums = _row_minimums(problem)
     per_row = "; ".join(
         f"{r}: smallest {minimums[r]} of budget {problem.budgets[r]}" for r in problem.rows
@@ -384,7 +371,7 @@ def _joint_infeasibility(problem: _Problem) -> InfeasibleBudgetError:
 # --- pruning and plan bookkeeping -------------------------------------------------------
 
 
-def _prune_dominated(problem: _Problem) -> _Problem:
+def _prune_dominated(problem: Problem) -> Problem:
     """Drop options that another option beats or ties in every budgeted row and in error.
 
     Of exact ties the lowest caller index survives. Rows absent from ``budgets`` are ignored,
@@ -401,12 +388,12 @@ def _prune_dominated(problem: _Problem) -> _Problem:
         index.append(idx[keep])
         errors.append(e[keep])
         costs.append(c[keep])
-    return _Problem(
+    return Problem(
         problem.nodes, problem.rows, problem.budgets, problem.fixed, problem.capacity, index, errors, costs
     )
 
 
-def _prune_above_greedy(problem: _Problem, greedy: np.ndarray) -> tuple[_Problem, np.ndarray]:
+def _prune_above_greedy(problem: Problem, greedy: np.ndarray) -> tuple[Problem, np.ndarray]:
     """Drop options that alone cost more error than the whole greedy plan exceeds the floor.
 
     With errors shifted by each node's minimum, every node contributes ``>= 0``, so an option
@@ -427,30 +414,26 @@ def _prune_above_greedy(problem: _Problem, greedy: np.ndarray) -> tuple[_Problem
         errors.append(e[keep])
         costs.append(c[keep])
         renumbered.append(int(np.count_nonzero(keep[:chosen])))
-    reduced = _Problem(
+    reduced = Problem(
         problem.nodes, problem.rows, problem.budgets, problem.fixed, problem.capacity, index, errors, costs
     )
     return reduced, np.array(renumbered, dtype=np.int64)
 
 
-def _totals(problem: _Problem, choice: np.ndarray) -> np.ndarray:
+def _totals(problem: Problem, choice: np.ndarray) -> np.ndarray:
     total = np.zeros(len(problem.rows), dtype=np.int64)
     for c, i in zip(problem.costs, choice):
         total += c[i]
     return total
 
 
-def _fits(problem: _Problem, choice: np.ndarray) -> bool:
+def _fits(problem: Problem, choice: np.ndarray) -> bool:
     return bool(np.all(_totals(problem, choice) <= problem.capacity))
-
-
-def _local_objective(problem: _Problem, choice: np.ndarray) -> float:
-    return math.fsum(float(e[i]) for e, i in zip(problem.errors, choice))
 
 
 def _finish(
     options: Mapping[str, Sequence[Option]],
-    problem: _Problem,
+    problem: Problem,
     choice: np.ndarray,
     status: str,
     proven_bound: float | None,
@@ -473,118 +456,6 @@ def _finish(
     return Solution(caller, objective, bound, status, time.perf_counter() - start, totals)
 
 
-# --- greedy start -----------------------------------------------------------------------
-
-
-def _lower_hull(agg: list[float], err: list[float]) -> list[int]:
-    """Indices on the lower convex hull of (aggregate cost, error), cheapest first.
-
-    Only points that strictly lower the error as cost grows are kept, so consecutive hull
-    points have strictly increasing cost and the marginal gains along the hull shrink.
-    """
-    hull: list[int] = []
-    for i in sorted(range(len(agg)), key=lambda i: (agg[i], err[i])):
-        if hull and err[i] >= err[hull[-1]]:
-            continue
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            cross = (agg[b] - agg[a]) * (err[i] - err[a]) - (err[b] - err[a]) * (agg[i] - agg[a])
-            if cross > 0:
-                break
-            hull.pop()
-        hull.append(i)
-    return hull
-
-
-def _greedy(problem: _Problem) -> np.ndarray | None:
-    """Convex-hull marginal greedy (the Lagrangian heuristic for multiple-choice knapsack).
-
-    Rows are folded into one aggregate cost, each weighted by the inverse of its slack above
-    the cheapest plan. With several rows the right weighting depends on which row binds,
-    which is unknown up front, so the balanced weighting and one leaning on each row in turn
-    are all tried and the best feasible plan kept (on the two-row benchmark, leaning on the
-    binding row took the greedy from 1.9e-3 above CP-SAT's plan to within 1e-5 of it).
-
-    Returns:
-        Local option indices, or ``None`` when every weighting's cheapest start violates a
-        row (possible only with several rows).
-    """
-    minimum = np.zeros(len(problem.rows), dtype=np.int64)
-    for c in problem.costs:
-        minimum += c.min(axis=0)
-    inverse_slack = 1.0 / np.maximum(problem.capacity - minimum, 1).astype(np.float64)
-    weightings = [inverse_slack]
-    if len(problem.rows) > 1:
-        # The small share left on the other rows keeps their costs from looking free.
-        weightings += [(one_hot + 1e-3) * inverse_slack for one_hot in np.eye(len(problem.rows))]
-
-    # Per-node Python lists, shared by every weighting: the loops below index single items.
-    lists = ([e.tolist() for e in problem.errors], [c.tolist() for c in problem.costs])
-    best, best_error = None, math.inf
-    for weights in weightings:
-        choice = _greedy_with_weights(problem, weights, *lists)
-        if choice is not None and (error := _local_objective(problem, choice)) < best_error:
-            best, best_error = choice, error
-    return best
-
-
-def _greedy_with_weights(
-    problem: _Problem, weights: np.ndarray, errors: list[list[float]], costs: list[list[list[int]]]
-) -> np.ndarray | None:
-    """One greedy run for a fixed row weighting; see ``_greedy``.
-
-    Every node starts at its cheapest hull point; then the upgrade with the largest error
-    decrease per aggregate-cost increase is taken while every row still fits. A final pass
-    swaps each node to its lowest-error option that still fits, which catches options off
-    the hull. The hot loop uses Python ints: with a handful of rows, numpy's per-call
-    overhead on length-R arrays cost more than the arithmetic.
-    """
-    capacity = [int(v) for v in problem.capacity]
-    rows = range(len(capacity))
-    hulls, aggs = [], []
-    choice = np.empty(len(problem.nodes), dtype=np.int64)
-    totals = [0] * len(capacity)
-    heap: list[tuple[float, int, int]] = []
-    for k, (e, c) in enumerate(zip(errors, problem.costs)):
-        agg = (c.astype(np.float64) @ weights).tolist()
-        hull = _lower_hull(agg, e)
-        hulls.append(hull)
-        aggs.append(agg)
-        choice[k] = hull[0]
-        totals = [t + v for t, v in zip(totals, costs[k][hull[0]])]
-        if len(hull) > 1:
-            a, b = hull[0], hull[1]
-            heap.append((-(e[a] - e[b]) / (agg[b] - agg[a]), k, 0))
-    if any(t > cap for t, cap in zip(totals, capacity)):
-        return None
-
-    heapq.heapify(heap)
-    while heap:
-        _, k, pos = heapq.heappop(heap)
-        hull, c = hulls[k], costs[k]
-        a, b = hull[pos], hull[pos + 1]
-        moved = [t + c[b][r] - c[a][r] for r, t in enumerate(totals)]
-        if all(moved[r] <= capacity[r] for r in rows):
-            totals = moved
-            choice[k] = b
-            if pos + 2 < len(hull):
-                e, agg, n = errors[k], aggs[k], hull[pos + 2]
-                heapq.heappush(heap, (-(e[b] - e[n]) / (agg[n] - agg[b]), k, pos + 1))
-        # Otherwise the node stays put: its later hull steps cost more still (in aggregate;
-        # the pass below catches any single option that happens to fit every row).
-
-    room = np.array(capacity, dtype=np.int64) - np.array(totals, dtype=np.int64)
-    for k, (e, c) in enumerate(zip(problem.errors, problem.costs)):
-        current = choice[k]
-        delta = c - c[current]
-        candidates = np.flatnonzero((e < e[current]) & np.all(delta <= room, axis=1))
-        if candidates.size:
-            j = candidates[np.argmin(e[candidates])]
-            room -= delta[j]
-            choice[k] = j
-    return choice
-
-
 def _greedy_solution(
     options: Mapping[str, Sequence[Option]],
     budgets: Mapping[str, int],
@@ -596,7 +467,7 @@ def _greedy_solution(
     problem = _validate(options, budgets, fixed)
     _check_rows_separately(problem)
     problem = _prune_dominated(problem)
-    choice = _greedy(problem)
+    choice = greedy_choice(problem)
     return None if choice is None else _finish(options, problem, choice, "GREEDY", None, start)
 
 
@@ -604,7 +475,7 @@ def _greedy_solution(
 
 
 def _solve_cpsat(
-    problem: _Problem,
+    problem: Problem,
     hint: np.ndarray | None,
     deadline: float,
     workers: int,

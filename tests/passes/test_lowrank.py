@@ -5,16 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from toy_models import tiny_llama, token_batches
 
-from cost_model import collect_statistics, stored_bytes
-from ir import sites_from_modules
+from cost_model import collect_statistics, perturbation_error, stored_bytes
+from ir import capture, find_weight_sites, sites_from_modules
 from passes.lowrank import (
     LowRankConfig,
     LowRankConv1x1,
     LowRankEmbedding,
     LowRankLinear,
     LowRankTransform,
+    _as_matrix,
     candidate_ranks,
+    factorize,
 )
 from passes.transform import Workspace
 
@@ -161,8 +164,6 @@ def test_rewrite_stores_the_predicted_bytes():
 
 
 def test_tied_table_stays_tied():
-    from toy_models import tiny_llama
-
     model = tiny_llama(tied=True, layers=1)
     site = sites_from_modules(model, ["model.embed_tokens.weight"])[0]
     before = stored_bytes(model)
@@ -191,18 +192,11 @@ def test_activation_aware_without_data_is_refused():
 @pytest.mark.parametrize("tied", [True, False])
 def test_closed_form_errors_agree_with_the_shared_error_function(tied, sensitivity_batches):
     """Every rank's closed-form estimate equals cost_model.perturbation_error of its factors."""
-    from cost_model import perturbation_error
-    from ir import capture, find_weight_sites
-    from toy_models import tiny_llama, token_batches
-
     model = tiny_llama(tied=tied, layers=1)
     batches = token_batches(n=3)
     sites, _ = find_weight_sites(capture(model, (batches[0][0][:1, :8],)), model)
     stats = collect_statistics(model, sites, batches, progress=False, sensitivity_batches=sensitivity_batches)
     ws = Workspace(stats=stats)
-    from passes.lowrank import factorize
-    from passes.lowrank import _as_matrix
-
     for site in sites:
         w = _as_matrix(site, model.get_parameter(site.name).detach()).double()
         for cand in T.candidates(site, model, ws)[::5]:
