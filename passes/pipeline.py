@@ -30,6 +30,7 @@ from cost_model import (
 )
 from ir import WeightSite, capture, find_weight_sites, sites_from_modules, split_inputs
 from passes import lowrank as _lowrank  # noqa: F401  (registers the "lowrank" transform)
+from passes import quantize as _quantize  # noqa: F401
 from passes.config import KeepConfig
 from passes.plan import Plan
 from passes.report import Report, SiteReport
@@ -37,7 +38,7 @@ from passes.transform import Candidate, Workspace, get_transform, transform_for
 
 __all__ = ["DEFAULT_TRANSFORMS", "RewriteError", "optimize", "apply", "save", "load", "resolve_target_memory"]
 
-DEFAULT_TRANSFORMS: tuple[str, ...] = ("lowrank",)
+DEFAULT_TRANSFORMS: tuple[str, ...] = ("lowrank", "quantize")
 
 
 class RewriteError(RuntimeError):
@@ -98,16 +99,19 @@ def _rewrite(model: nn.Module, sites: Sequence[WeightSite], plan: Plan, ws: Work
     return model
 
 
-def _check_runs(original_out: Any, model: nn.Module, example_inputs: Any) -> None:
-    """The one post-rewrite check: the model still runs and gives outputs of the same structure."""
+def _check_runs(model: nn.Module, rewritten: nn.Module, example_inputs: Any) -> None:
+    """The one post-rewrite check: the rewritten model runs and gives outputs of the same shapes."""
     args, kwargs = split_inputs(example_inputs)
-    try:
-        with torch.no_grad():
-            out = model(*args, **kwargs)
-    except Exception as exc:
-        raise RewriteError(f"the rewritten model no longer runs on the example inputs: {exc}") from exc
-    want = [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(original_out) if isinstance(t, torch.Tensor)]
-    got = [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+    def shapes(out: Any) -> list[tuple[int, ...]]:
+        return [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+    with torch.no_grad():
+        want = shapes(model(*args, **kwargs))
+        try:
+            got = shapes(rewritten(*args, **kwargs))
+        except Exception as exc:
+            raise RewriteError(f"the rewritten model no longer runs on the example inputs: {exc}") from exc
     if want != got:
         raise RewriteError(f"the rewritten model's outputs changed shape: {got} instead of {want}")
 
@@ -160,11 +164,7 @@ def optimize(
 
     bytes_before = stored_bytes(model)
     target_bytes = resolve_target_memory(target_memory, bytes_before)
-    if target_latency is not None and (
-        isinstance(target_latency, bool) or not isinstance(target_latency, numbers.Real)
-        or math.isnan(target_latency) or not 0 < target_latency <= 1
-    ):
-        raise ValueError(f"target_latency must be None or a float in (0, 1], got {target_latency!r}")
+    _check_target_latency(target_latency)
     for name in transforms:
         get_transform(name)
     profile = get_profile(device)
@@ -173,28 +173,18 @@ def optimize(
         check_calibration(example_inputs, batches)
     _check_finite(model)
 
-    program = capture(model, example_inputs)
-    sites, skipped = find_weight_sites(program, model)
-    del program
+    sites, skipped = find_weight_sites(capture(model, example_inputs), model)
     lap("capture")
     ws = Workspace(stats=collect_statistics(model, sites, batches, progress=progress) if batches else None)
     lap("calibration")
     options = _enumerate_options(model, sites, transforms, ws, progress)
     lap("options")
-
+    latency = {name: [int(roofline_seconds(c.cost, profile) * 1e9) for c in cands] for name, cands in options.items()}
     fixed = bytes_before - sum(s.nbytes for s in sites)
-    latency = {
-        name: [int(roofline_seconds(c.cost, profile) * 1e9) for c in cands] for name, cands in options.items()
-    }
-    budgets = {"memory": target_bytes}
-    dense_ns = sum(lat[0] for lat in latency.values())
-    if target_latency is not None:
-        budgets["latency_ns"] = int(target_latency * dense_ns)
-    solution = _solve_with_latency(
-        options, latency, budgets, fixed_bytes=fixed, latency_dense_ns=dense_ns, time_limit_s=time_limit_s
-    )
+    solution = _solve(options, latency, target_bytes, target_latency, fixed_bytes=fixed, time_limit_s=time_limit_s)
+    chosen = {name: options[name][i] for name, i in solution.choice.items()}
     plan = Plan(
-        {name: options[name][i].config for name, i in solution.choice.items()},
+        {name: c.config for name, c in chosen.items()},
         {
             "model": type(model).__name__,
             "target_bytes": target_bytes,
@@ -203,20 +193,22 @@ def optimize(
         },
     )
     lap("solve")
-
     optimized = _rewrite(copy.deepcopy(model), sites, plan, ws, progress)
-    args, kwargs = split_inputs(example_inputs)
-    with torch.no_grad():
-        reference_out = model(*args, **kwargs)
-    _check_runs(reference_out, optimized, example_inputs)
+    _check_runs(model, optimized, example_inputs)
     lap("rewrite")
 
-    chosen = {name: options[name][i] for name, i in solution.choice.items()}
-    rows = max((s.rows for s in sites), default=0)
-    report = Report(
+    optimized.plan = plan
+    optimized.report = Report(
         model=type(model).__name__,
         sites=[
-            SiteReport(s.name, s.matrix_shape, chosen[s.name].config.describe(), s.nbytes, chosen[s.name].nbytes, chosen[s.name].error)
+            SiteReport(
+                s.name,
+                s.matrix_shape,
+                chosen[s.name].config.describe(),
+                s.nbytes,
+                chosen[s.name].nbytes,
+                chosen[s.name].error,
+            )
             for s in sites
         ],
         skipped=[(p.name, p.reason) for p in skipped],
@@ -242,20 +234,35 @@ def optimize(
         ),
         latency={
             "profile": profile.name,
-            "rows": rows,
+            "rows": max((s.rows for s in sites), default=0),
             "before_s": sum(lat[0] for lat in latency.values()) * 1e-9,
             "after_s": sum(latency[name][i] for name, i in solution.choice.items()) * 1e-9,
         },
         timings=timings,
     )
-    optimized.plan = plan
-    optimized.report = report
     return optimized
 
 
-def _solve_with_latency(options, latency, budgets, *, fixed_bytes, latency_dense_ns, time_limit_s):
+def _check_target_latency(target_latency: Any) -> None:
+    if target_latency is None:
+        return
+    if (
+        isinstance(target_latency, bool)
+        or not isinstance(target_latency, numbers.Real)
+        or math.isnan(target_latency)
+        or not 0 < target_latency <= 1
+    ):
+        raise ValueError(f"target_latency must be None or a float in (0, 1], got {target_latency!r}")
+
+
+def _solve(options, latency, target_bytes, target_latency, *, fixed_bytes, time_limit_s):
+    """One option per site: memory row always, latency row when asked; errors in user terms."""
     from cost_model.solver import InfeasibleBudgetError, Option, solve  # imports OR-Tools only when it runs
 
+    latency_dense_ns = sum(lat[0] for lat in latency.values())
+    budgets = {"memory": target_bytes}
+    if target_latency is not None:
+        budgets["latency_ns"] = int(target_latency * latency_dense_ns)
     problem = {
         name: [
             Option(c.config, c.error, {"memory": c.nbytes, "latency_ns": latency[name][i]}) for i, c in enumerate(cands)
@@ -266,29 +273,27 @@ def _solve_with_latency(options, latency, budgets, *, fixed_bytes, latency_dense
         return solve(problem, budgets, fixed={"memory": fixed_bytes}, time_limit_s=time_limit_s)
     except InfeasibleBudgetError as exc:
         if exc.row == "latency_ns":
-            dense = latency_dense_ns
-            raise InfeasibleBudgetError(
-                f"target_latency of {exc.budget / dense:.3f} is infeasible: the fastest plan with these transforms "
-                f"is estimated at {exc.minimum / dense:.3f} of the dense latency; raise target_latency to at least "
-                f"{math.ceil(exc.minimum / dense * 1000) / 1000}",
-                row="latency_ns",
-                budget=exc.budget,
-                minimum=exc.minimum,
-                minimums=exc.minimums,
-            ) from None
-        if exc.row != "memory":
+            least = math.ceil(exc.minimum / latency_dense_ns * 1000) / 1000
+            message = (
+                f"target_latency of {exc.budget / latency_dense_ns:.3f} is infeasible: the fastest plan with these "
+                f"transforms is estimated at {exc.minimum / latency_dense_ns:.3f} of the dense latency; raise "
+                f"target_latency to at least {least}"
+            )
+        elif exc.row == "memory":
+            message = (
+                f"target_memory of {exc.budget} bytes is infeasible: the smallest plan with these transforms stores "
+                f"{exc.minimum} bytes ({exc.minimum / 2**20:.2f} MiB); raise target_memory to at least {exc.minimum}"
+            )
+        else:
             raise
         raise InfeasibleBudgetError(
-            f"target_memory of {exc.budget} bytes is infeasible: the smallest plan with these transforms stores "
-            f"{exc.minimum} bytes ({exc.minimum / 2**20:.2f} MiB); raise target_memory to at least {exc.minimum}",
-            row="memory",
-            budget=exc.budget,
-            minimum=exc.minimum,
-            minimums=exc.minimums,
+            message, row=exc.row, budget=exc.budget, minimum=exc.minimum, minimums=exc.minimums
         ) from None
 
 
-def apply(model: nn.Module, plan: Plan, *, calibration: Iterable[Any] | None = None, progress: bool = True) -> nn.Module:
+def apply(
+    model: nn.Module, plan: Plan, *, calibration: Iterable[Any] | None = None, progress: bool = True
+) -> nn.Module:
     """Rewrite a copy of ``model`` as ``plan`` says, without solving.
 
     Activation-aware configs recompute their factors from ``calibration``: pass the batches
@@ -342,7 +347,9 @@ def load(directory: str | Path, model: nn.Module) -> nn.Module:
     directory = Path(directory)
     for required in ("plan.json", "model.safetensors"):
         if not (directory / required).exists():
-            raise FileNotFoundError(f"{directory / required} is missing; is {directory} a `decomp optimize --out` folder?")
+            raise FileNotFoundError(
+                f"{directory / required} is missing; is {directory} a `decomp optimize --out` folder?"
+            )
     plan = Plan.load(directory / "plan.json")
     sites = sites_from_modules(model, list(plan.changed()))
     restored = _rewrite(copy.deepcopy(model), sites, plan, Workspace(materialize=False), progress=False)
