@@ -14,6 +14,7 @@ transformers, and it does not touch CUDA.
 
 from passes.config import KeepConfig, TransformConfig
 from passes.lowrank import LowRankConfig
+from passes.quantize import Int8Config, IntNConfig, NF4Config
 from passes.pipeline import DEFAULT_TRANSFORMS, RewriteError, apply, load, optimize, save
 from passes.plan import Plan
 from passes.report import Report
@@ -29,6 +30,9 @@ __all__ = [
     "TransformConfig",
     "KeepConfig",
     "LowRankConfig",
+    "Int8Config",
+    "IntNConfig",
+    "NF4Config",
     "DEFAULT_TRANSFORMS",
     "TRANSFORMS",
     "RewriteError",
