@@ -86,6 +86,12 @@ class WeightSite:
             return self.shape[1], self.shape[0]
         return self.shape[0], math.prod(self.shape[1:])
 
+    def as_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (this site's parameter, or a tensor of its shape) as the ``matrix_shape`` matrix."""
+        if {u.kind for u in self.uses} == {UseKind.CONV1D}:
+            return weight.t()
+        return weight.reshape(weight.shape[0], -1)
+
     @property
     def numel(self) -> int:
         return math.prod(self.shape)

@@ -46,7 +46,7 @@ from torch import nn
 from cost_model import MatmulCost, SiteStats, matmul_cost
 from ir import UseKind, WeightSite
 from passes.config import TransformConfig, register_config
-from passes.transform import Candidate, Transform, Workspace, register_transform
+from passes.transform import Candidate, Transform, Workspace, register_transform, replace_module
 
 __all__ = [
     "LowRankConfig",
@@ -139,13 +139,6 @@ class LowRankEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.left, self.padding_idx) @ self.right
-
-
-def _as_matrix(site: WeightSite, weight: torch.Tensor) -> torch.Tensor:
-    """The weight as the (out × in) matrix of its linear map (rows × dim for tables)."""
-    if site.uses[0].kind is UseKind.CONV1D:
-        return weight.t()
-    return weight.reshape(weight.shape[0], -1)
 
 
 def candidate_ranks(out_features: int, in_features: int) -> list[int]:
@@ -274,7 +267,7 @@ def _site_basis(site: WeightSite, model: nn.Module, ws: Workspace, activation_aw
                 " (the batches the plan was made with), or use activation_aware=False"
             )
         weight = model.get_parameter(site.name).detach()
-        w = _as_matrix(site, weight).double()
+        w = site.as_matrix(weight).double()
         keep = max(candidate_ranks(*w.shape) or [1])
         ws.cache[key] = _basis(site, w, stats, keep)
     return ws.cache[key]
@@ -287,18 +280,13 @@ def factorize(site: WeightSite, model: nn.Module, config: LowRankConfig, ws: Wor
     if r > basis.vectors.shape[1]:
         raise ValueError(f"rank {r} for {site.name} does not save memory (max useful rank {basis.vectors.shape[1]})")
     weight = model.get_parameter(site.name).detach()
-    w = _as_matrix(site, weight).double()
+    w = site.as_matrix(weight).double()
     basis_r = basis.vectors[:, :r]
     if basis.left:
         a, b = basis_r, basis_r.T @ w
     else:
         a, b = w @ basis_r, basis_r.T
     return a.to(weight.dtype).contiguous(), b.to(weight.dtype).contiguous()
-
-
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent_path), child, new)
 
 
 class LowRankTransform(Transform):
@@ -379,7 +367,7 @@ class LowRankTransform(Transform):
                 )
             else:
                 new = LowRankLinear(b, a, module.bias)
-            _replace(model, use.module, new)
+            replace_module(model, use.module, new)
 
 
 def _view_param(p: nn.Parameter, shape: tuple[int, ...]) -> nn.Parameter:

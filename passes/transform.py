@@ -18,7 +18,16 @@ from cost_model import MatmulCost, SiteStats
 from ir import WeightSite
 from passes.config import TransformConfig
 
-__all__ = ["Candidate", "Workspace", "Transform", "register_transform", "get_transform", "transform_for", "TRANSFORMS"]
+__all__ = [
+    "Candidate",
+    "Workspace",
+    "Transform",
+    "register_transform",
+    "get_transform",
+    "transform_for",
+    "replace_module",
+    "TRANSFORMS",
+]
 
 
 @dataclass(frozen=True)
@@ -97,3 +106,9 @@ def transform_for(config: TransformConfig) -> Transform:
         return _BY_CONFIG[type(config)]
     except KeyError:
         raise ValueError(f"no transform handles {type(config).__name__}") from None
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted ``path`` of ``model`` (in place)."""
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path), child, new)

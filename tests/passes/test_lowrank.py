@@ -15,7 +15,6 @@ from passes.lowrank import (
     LowRankEmbedding,
     LowRankLinear,
     LowRankTransform,
-    _as_matrix,
     candidate_ranks,
     factorize,
 )
@@ -198,7 +197,7 @@ def test_closed_form_errors_agree_with_the_shared_error_function(tied, sensitivi
     stats = collect_statistics(model, sites, batches, progress=False, sensitivity_batches=sensitivity_batches)
     ws = Workspace(stats=stats)
     for site in sites:
-        w = _as_matrix(site, model.get_parameter(site.name).detach()).double()
+        w = site.as_matrix(model.get_parameter(site.name).detach()).double()
         for cand in T.candidates(site, model, ws)[::5]:
             a, b = factorize(site, model, cand.config, ws)
             shared = perturbation_error(site, stats[site.name], w, w - a.double() @ b.double())

@@ -12,15 +12,11 @@ import passes
 from cost_model import SiteStats, collect_statistics, perturbation_error, stored_bytes
 from ir import capture, find_weight_sites, sites_from_modules
 from passes.config import config_from_dict, config_to_dict
+from passes.quant_storage import Int8Config, IntNConfig, NF4Config, PackedWeight
 from passes.quantize import (
-    Int8Config,
-    IntNConfig,
-    NF4Config,
-    PackedWeight,
     QuantizedEmbedding,
     QuantizedLinear,
     QuantizeTransform,
-    _as_matrix,
     _diagonal_error_fn,
     candidate_configs,
 )
@@ -277,7 +273,7 @@ def test_diagonal_approximation_on_a_tiny_llama():
     stats = collect_statistics(model, sites, batches, progress=False)
     ws = Workspace(stats=stats)
     for site in sites:
-        w = _as_matrix(site, model.get_parameter(site.name).detach())
+        w = site.as_matrix(model.get_parameter(site.name).detach())
         cands = T.candidates(site, model, ws)
         assert len(cands) == len(candidate_configs(w.shape[1]))
         for cand in cands:
