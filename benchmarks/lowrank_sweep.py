@@ -86,7 +86,9 @@ def main() -> None:
     rows = []
     for budget in args.budgets:
         t0 = time.perf_counter()
-        opt = passes.optimize(model, example, target_memory=budget, calibration=batches, progress=False)
+        opt = passes.optimize(
+            model, example, target_memory=budget, calibration=batches, transforms=("lowrank",), progress=False
+        )
         opt_time = time.perf_counter() - t0
         opt_bytes = stored_bytes(opt)
         results = {"solver": (evaluate.perplexity(opt, tokens, progress=False), opt_bytes, opt.report.solver["objective"])}

@@ -8,7 +8,9 @@ from passes import evaluate, zoo
 
 model, tokenizer = zoo.load_smollm2()
 batches = zoo.calibration_batches(tokenizer, n_seqs=32, seq_len=256)
-optimized = passes.optimize(model, (batches[0][0][:1, :32],), target_memory=0.92, calibration=batches)
+optimized = passes.optimize(
+    model, (batches[0][0][:1, :32],), target_memory=0.92, calibration=batches, transforms=("lowrank",)
+)
 print(optimized.report)
 
 tokens = zoo.wiki_tokens(tokenizer, "evaluation", 2048)

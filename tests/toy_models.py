@@ -63,3 +63,19 @@ def tiny_bert():
 def token_batches(n: int = 4, batch: int = 4, seq: int = 32, vocab: int = 256, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randint(0, vocab, (batch, seq), generator=g),) for _ in range(n)]
+
+
+class Wrap(nn.Module):
+    """One layer as a model whose parameters are named ``layer.*``."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``out`` against ``ref``, in dB."""
+    return (10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum())).item()

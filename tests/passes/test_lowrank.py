@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from toy_models import tiny_llama, token_batches
+from toy_models import Wrap, sqnr_db, tiny_llama, token_batches
 
 from cost_model import collect_statistics, perturbation_error, stored_bytes
 from ir import capture, find_weight_sites, sites_from_modules
@@ -21,19 +21,6 @@ from passes.lowrank import (
 from passes.transform import Workspace
 
 T = LowRankTransform()
-
-
-def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    return (10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum())).item()
-
-
-class _Wrap(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
 
 
 def _rank_k(out: int, inn: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -79,7 +66,7 @@ def test_exact_rank_factorisation_reproduces_layer(kind):
         layer, x = nn.Embedding(40, 32), torch.randint(0, 40, (3, 9))
         layer.weight.data = w
         cls = LowRankEmbedding
-    model = _Wrap(layer)
+    model = Wrap(layer)
     ref = model(x)
     _rewrite(model, 4)
     assert isinstance(model.layer, cls)
@@ -89,7 +76,7 @@ def test_exact_rank_factorisation_reproduces_layer(kind):
 @pytest.mark.parametrize("sensitivity_batches", [0, 4])
 def test_activation_aware_estimate_is_the_measured_output_error(mlp_batches, sensitivity_batches):
     torch.manual_seed(0)
-    model = _Wrap(nn.Linear(48, 40))
+    model = Wrap(nn.Linear(48, 40))
     site = sites_from_modules(model, ["layer.weight"])[0]
     stats = collect_statistics(model, [site], mlp_batches, progress=False, sensitivity_batches=sensitivity_batches)
     ws = Workspace(stats=stats)
@@ -97,7 +84,7 @@ def test_activation_aware_estimate_is_the_measured_output_error(mlp_batches, sen
     w = model.layer.weight.detach().double()
     ref = x.double() @ w.T
     for cand in T.candidates(site, model, ws):
-        copy = _Wrap(nn.Linear(48, 40))
+        copy = Wrap(nn.Linear(48, 40))
         copy.load_state_dict(model.state_dict())
         T.rewrite(copy, site, cand.config, ws)
         a, b = copy.layer.up.detach().double(), copy.layer.down.detach().double()
@@ -117,9 +104,9 @@ def test_activation_aware_estimate_is_the_measured_output_error(mlp_batches, sen
 def test_activation_aware_beats_plain_svd_on_calibration_inputs(mlp_batches):
     torch.manual_seed(0)
     x = torch.cat([b[0] for b in mlp_batches])
-    base = _Wrap(nn.Linear(48, 40, bias=False))
+    base = Wrap(nn.Linear(48, 40, bias=False))
     ref = base(x)
-    plain, aware = _Wrap(nn.Linear(48, 40, bias=False)), _Wrap(nn.Linear(48, 40, bias=False))
+    plain, aware = Wrap(nn.Linear(48, 40, bias=False)), Wrap(nn.Linear(48, 40, bias=False))
     plain.load_state_dict(base.state_dict())
     aware.load_state_dict(base.state_dict())
     _rewrite(plain, 16)
@@ -138,7 +125,7 @@ def test_singular_covariance_is_harmless(out_features):
     base = torch.randn(256, 12, generator=g) @ torch.randn(12, 48, generator=g)  # rank-12 inputs in 48 dims
     base[:, 5] = 0.0  # a dead feature
     batches = [(base[i * 64 : (i + 1) * 64],) for i in range(4)]
-    model = _Wrap(nn.Linear(48, out_features))
+    model = Wrap(nn.Linear(48, out_features))
     ref = model(base)
     site = sites_from_modules(model, ["layer.weight"])[0]
     ws = Workspace(stats=collect_statistics(model, [site], batches, progress=False, sensitivity_batches=0))
@@ -152,7 +139,7 @@ def test_singular_covariance_is_harmless(out_features):
 
 
 def test_rewrite_stores_the_predicted_bytes():
-    model = _Wrap(nn.Linear(96, 64, bias=True))
+    model = Wrap(nn.Linear(96, 64, bias=True))
     site = sites_from_modules(model, ["layer.weight"])[0]
     ws = Workspace()
     cand = T.candidates(site, model, ws)[3]
@@ -181,7 +168,7 @@ def test_config_validation():
 
 
 def test_activation_aware_without_data_is_refused():
-    model = _Wrap(nn.Linear(48, 40))
+    model = Wrap(nn.Linear(48, 40))
     site = sites_from_modules(model, ["layer.weight"])[0]
     with pytest.raises(ValueError, match="calibration"):
         T.rewrite(model, site, LowRankConfig(8, True), Workspace())

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from toy_models import CNN, Wrap, sqnr_db, tiny_gpt2, tiny_llama, token_batches
 
 import passes
 from cost_model import SiteStats, collect_statistics, perturbation_error, stored_bytes
@@ -21,7 +22,6 @@ from passes.quantize import (
     candidate_configs,
 )
 from passes.transform import Workspace
-from toy_models import CNN, tiny_gpt2, tiny_llama, token_batches
 
 T = QuantizeTransform()
 
@@ -37,24 +37,11 @@ MIN_SQNR = {
 }  # fmt: skip
 
 
-def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    return (10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum())).item()
-
-
-class _Wrap(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
-
-
-def _linear(out: int = 96, inn: int = 320, seed: int = 0) -> _Wrap:
+def _linear(out: int = 96, inn: int = 320, seed: int = 0) -> Wrap:
     g = torch.Generator().manual_seed(seed)
     layer = nn.Linear(inn, out)
     layer.weight.data = torch.randn(out, inn, generator=g) * 0.05
-    return _Wrap(layer)
+    return Wrap(layer)
 
 
 def _site(model, name="layer.weight"):
@@ -157,9 +144,9 @@ def test_stored_bytes_move_by_exactly_the_candidate_nbytes():
 
 
 def test_only_formats_that_save_bytes():
-    half = _Wrap(nn.Linear(64, 16).half())  # int8 saves at fp16 (1 B vs 2 B) ...
+    half = Wrap(nn.Linear(64, 16).half())  # int8 saves at fp16 (1 B vs 2 B) ...
     assert Int8Config() in [c.config for c in T.candidates(_site(half), half, Workspace())]
-    tiny = _Wrap(nn.Linear(2, 4).half())  # ... but nothing saves on a 4×2 fp16 matrix (padding, constants)
+    tiny = Wrap(nn.Linear(2, 4).half())  # ... but nothing saves on a 4×2 fp16 matrix (padding, constants)
     assert T.candidates(_site(tiny), tiny, Workspace()) == []
 
 
@@ -298,7 +285,7 @@ def test_same_units_as_perturbation_error_when_the_approximation_is_exact(sens):
 
 def test_lookup_only_table_is_priced_exactly():
     table = nn.Embedding(300, 64)
-    model = _Wrap(table)
+    model = Wrap(table)
     site = _site(model)
     counts = torch.arange(300, dtype=torch.float64)
     for sens in ({}, {"layer": 0.7}):
