@@ -14,8 +14,8 @@ transformers, and it does not touch CUDA.
 
 from passes.config import KeepConfig, TransformConfig
 from passes.lowrank import LowRankConfig
-from passes import quantize as _quantize  # noqa: F401  (registers the "quantize" transform)
 from passes.quant_storage import Int8Config, IntNConfig, NF4Config
+from passes.gptq import GPTQConfig
 from passes.pipeline import DEFAULT_TRANSFORMS, RewriteError, apply, load, optimize, save
 from passes.plan import Plan
 from passes.report import Report
@@ -34,6 +34,7 @@ __all__ = [
     "Int8Config",
     "IntNConfig",
     "NF4Config",
+    "GPTQConfig",
     "DEFAULT_TRANSFORMS",
     "TRANSFORMS",
     "RewriteError",

@@ -31,6 +31,7 @@ from cost_model import (
 from ir import WeightSite, capture, find_weight_sites, sites_from_modules, split_inputs
 from passes import lowrank as _lowrank  # noqa: F401  (registers the "lowrank" transform)
 from passes import quantize as _quantize  # noqa: F401
+from passes import gptq as _gptq  # noqa: F401
 from passes.config import KeepConfig
 from passes.plan import Plan
 from passes.report import Report, SiteReport

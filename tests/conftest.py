@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-
 from toy_models import CNN, MLP
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

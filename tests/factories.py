@@ -1,7 +1,6 @@
 """Model factories for the ``decomp optimize module:factory`` CLI tests."""
 
 import torch
-
 from toy_models import MLP
 
 

@@ -14,7 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cost_model import solver as solver_module
-from cost_model.solver import InfeasibleBudgetError, Option, Solution, solve, solve_brute_force
+from cost_model.solver import (
+    InfeasibleBudgetError,
+    Option,
+    Solution,
+    solve,
+    solve_brute_force,
+)
 
 __all__: list[str] = []
 

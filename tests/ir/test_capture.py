@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from toy_models import tiny_bert, tiny_gpt2, tiny_llama
 
 from ir import CaptureError, UseKind, capture, find_weight_sites, to_networkx
-from toy_models import tiny_bert, tiny_gpt2, tiny_llama
 
 
 def _sites(model, inputs):

