@@ -71,7 +71,7 @@ from cost_model import MatmulCost, SiteStats, matmul_cost, perturbation_error
 from ir import UseKind, WeightSite
 from passes import quant_formats as qf
 from passes.config import TransformConfig, register_config
-from passes.quant_storage import BITS, GROUP_SIZES, Buffers, IntNConfig, PackedWeight
+from passes.quant_storage import BITS, GROUP_SIZES, Buffers, IntNConfig, PackedWeight, QuantizedLinear
 from passes.transform import Candidate, Transform, Workspace, register_transform, replace_module
 
 __all__ = ["GPTQConfig", "GPTQTransform", "candidate_configs", "gptq_encode", "inverse_hessian_factor", "DAMPING"]
@@ -290,30 +290,6 @@ def _encode(w: torch.Tensor, factor: torch.Tensor, config: GPTQConfig, memo: dic
 # ---- modules --------------------------------------------------------------------------------
 
 
-class _PackedLinear(nn.Module):
-    """``y = x·Wᵀ + bias`` with W dequantized from a :class:`PackedWeight` (Linear or Conv1D).
-
-    The same as ``passes.quantize.QuantizedLinear``, duplicated because transforms do not
-    import each other; it belongs in ``passes.quant_storage`` beside ``PackedWeight``.
-    """
-
-    def __init__(self, packed: PackedWeight, bias: nn.Parameter | None):
-        super().__init__()
-        self.packed = packed
-        self.bias = bias
-
-    @property
-    def in_features(self) -> int:
-        return self.packed.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.packed.shape[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.packed.dequantize(dtype=x.dtype), self.bias)
-
-
 # ---- the transform --------------------------------------------------------------------------
 
 
@@ -385,7 +361,7 @@ class GPTQTransform(Transform):
         # One PackedWeight serves every use (a weight shared by several Linear modules).
         packed = PackedWeight(config.storage, (out, inn), weight.dtype, buffers)
         for use in site.uses:
-            replace_module(model, use.module, _PackedLinear(packed, model.get_submodule(use.module).bias))
+            replace_module(model, use.module, QuantizedLinear(packed, model.get_submodule(use.module).bias))
 
 
 register_transform(GPTQTransform())

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cost_model import dtype_size
 from passes import quant_formats as qf
 from passes.config import TransformConfig, register_config
 
-__all__ = ["QuantConfig", "Int8Config", "IntNConfig", "NF4Config", "PackedWeight", "BITS", "GROUP_SIZES", "Buffers"]
+__all__ = ["QuantConfig", "Int8Config", "IntNConfig", "NF4Config", "PackedWeight", "QuantizedLinear", "QuantizedEmbedding", "BITS", "GROUP_SIZES", "Buffers"]
 
 BITS = (2, 3, 4)
 GROUP_SIZES = (32, 64, 128)
@@ -318,3 +319,44 @@ class PackedWeight(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.shape[0]}×{self.shape[1]}, {self.config.describe()}"
+
+
+class QuantizedLinear(nn.Module):
+    """``y = x·Wᵀ + bias`` with W dequantized from a :class:`PackedWeight` (Linear or Conv1D)."""
+
+    def __init__(self, packed: PackedWeight, bias: nn.Parameter | None):
+        super().__init__()
+        self.packed = packed
+        self.bias = bias
+
+    @property
+    def in_features(self) -> int:
+        return self.packed.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.packed.dequantize(dtype=x.dtype), self.bias)
+
+
+class QuantizedEmbedding(nn.Module):
+    """Row lookup in a quantized table: only the looked-up rows are unpacked and dequantized."""
+
+    def __init__(self, packed: PackedWeight, padding_idx: int | None):
+        super().__init__()
+        self.packed = packed
+        self.padding_idx = padding_idx  # kept for reference; the table has no gradient to mask
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.packed.shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.packed.shape[1]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.packed.dequantize(rows=ids.reshape(-1))
+        return rows.view(*ids.shape, self.embedding_dim)

@@ -2,7 +2,7 @@
 
 Where it sits: after capture and (optional) calibration, beside ``passes.lowrank``; proposes
 one option per storage format (:func:`candidate_configs`) and rewrites the chosen modules
-into :class:`QuantizedLinear` / :class:`QuantizedEmbedding`, which store packed integer codes
+into ``quant_storage.QuantizedLinear`` / ``QuantizedEmbedding``, which store packed integer codes
 and their constants as buffers and dequantize in torch on every forward (eager, CPU and CUDA
 alike). 1×1 Conv2d sites are left out of this family (no candidates; a quantized conv
 module is not written yet); the low-rank family still handles them.
@@ -35,18 +35,25 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cost_model import MatmulCost, SiteStats, matmul_cost
 from ir import UseKind, WeightSite
 from passes.config import TransformConfig
-from passes.quant_storage import BITS, GROUP_SIZES, Int8Config, IntNConfig, NF4Config, PackedWeight, QuantConfig
+from passes.quant_storage import (
+    BITS,
+    GROUP_SIZES,
+    Int8Config,
+    IntNConfig,
+    NF4Config,
+    PackedWeight,
+    QuantConfig,
+    QuantizedEmbedding,
+    QuantizedLinear,
+)
 from passes.transform import Candidate, Transform, Workspace, register_transform, replace_module
 
 __all__ = [
-    "QuantizedLinear",
-    "QuantizedEmbedding",
     "QuantizeTransform",
     "candidate_configs",
 ]
@@ -66,47 +73,6 @@ def candidate_configs(in_features: int) -> list[QuantConfig]:
         configs += [IntNConfig(b, g, dq) for b in BITS for g in groups]
         configs += [NF4Config(g, dq) for g in groups]
     return configs
-
-
-class QuantizedLinear(nn.Module):
-    """``y = x·Wᵀ + bias`` with W dequantized from a :class:`PackedWeight` (Linear or Conv1D)."""
-
-    def __init__(self, packed: PackedWeight, bias: nn.Parameter | None):
-        super().__init__()
-        self.packed = packed
-        self.bias = bias
-
-    @property
-    def in_features(self) -> int:
-        return self.packed.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.packed.shape[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.packed.dequantize(dtype=x.dtype), self.bias)
-
-
-class QuantizedEmbedding(nn.Module):
-    """Row lookup in a quantized table: only the looked-up rows are unpacked and dequantized."""
-
-    def __init__(self, packed: PackedWeight, padding_idx: int | None):
-        super().__init__()
-        self.packed = packed
-        self.padding_idx = padding_idx  # kept for reference; the table has no gradient to mask
-
-    @property
-    def num_embeddings(self) -> int:
-        return self.packed.shape[0]
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.packed.shape[1]
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.packed.dequantize(rows=ids.reshape(-1))
-        return rows.view(*ids.shape, self.embedding_dim)
 
 
 # ---- pricing -------------------------------------------------------------------------------

@@ -13,14 +13,15 @@ import passes
 from cost_model import SiteStats, collect_statistics, perturbation_error, stored_bytes
 from ir import capture, find_weight_sites, sites_from_modules
 from passes.config import config_from_dict, config_to_dict
-from passes.quant_storage import Int8Config, IntNConfig, NF4Config, PackedWeight
-from passes.quantize import (
+from passes.quant_storage import (
+    Int8Config,
+    IntNConfig,
+    NF4Config,
+    PackedWeight,
     QuantizedEmbedding,
     QuantizedLinear,
-    QuantizeTransform,
-    _diagonal_error_fn,
-    candidate_configs,
 )
+from passes.quantize import QuantizeTransform, _diagonal_error_fn, candidate_configs
 from passes.transform import Workspace
 
 T = QuantizeTransform()
