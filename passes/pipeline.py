@@ -31,6 +31,7 @@ from cost_model import (
 from ir import WeightSite, capture, find_weight_sites, sites_from_modules, split_inputs
 from passes import lowrank as _lowrank  # noqa: F401  (registers the "lowrank" transform)
 from passes import quantize as _quantize  # noqa: F401
+from passes import lq as _lq  # noqa: F401
 from passes import gptq as _gptq  # noqa: F401
 from passes.config import KeepConfig
 from passes.plan import Plan
@@ -39,7 +40,7 @@ from passes.transform import Candidate, Workspace, get_transform, transform_for
 
 __all__ = ["DEFAULT_TRANSFORMS", "RewriteError", "optimize", "apply", "save", "load", "resolve_target_memory"]
 
-DEFAULT_TRANSFORMS: tuple[str, ...] = ("lowrank", "quantize")
+DEFAULT_TRANSFORMS: tuple[str, ...] = ("lowrank", "quantize", "lq")
 
 
 class RewriteError(RuntimeError):
