@@ -14,7 +14,7 @@ transformers, and it does not touch CUDA.
 
 from passes.config import KeepConfig, TransformConfig
 from passes.lowrank import LowRankConfig
-from passes.lq import LQConfig  # noqa: F401  (public; the lead adds it to __all__)
+from passes.lq import LQConfig
 from passes.quant_storage import Int8Config, IntNConfig, NF4Config
 from passes.gptq import GPTQConfig
 from passes.pipeline import DEFAULT_TRANSFORMS, RewriteError, apply, load, optimize, save
