@@ -46,6 +46,7 @@ def perturbation_error(site: WeightSite, stats: SiteStats | None, w: torch.Tenso
         d = (stats.token_counts + 1.0)[:, None]
         norm = d.sum().item()
         parts.append((lookups, (d * delta.pow(2)).sum().item() / norm, (d * w.pow(2)).sum().item() / norm))
+    # Quadratic forms in a PSD covariance: clamp the rounding below zero of a ~0 perturbation.
     if stats.sensitivity:
-        return sum(0.5 * sum(stats.sensitivity.get(u.module, 0.0) for u in uses) * err for uses, err, _ in parts)
-    return sum(err / max(total, 1e-300) for _, err, total in parts)
+        return max(0.0, sum(0.5 * sum(stats.sensitivity.get(u.module, 0.0) for u in uses) * err for uses, err, _ in parts))
+    return max(0.0, sum(err / max(total, 1e-300) for _, err, total in parts))

@@ -271,7 +271,9 @@ class _Problem:
         if self.lookups is not None:
             d, coef = self.lookups
             err += coef * (d @ delta.square().sum(1).double()).item()
-        return err
+        # A (semi-definite) quadratic form summed in fp32 rows can land a rounding below zero
+        # when the residual is ~0 (e.g. a tiny pooler layer fully captured by its rank).
+        return max(err, 0.0)
 
 
 def _problem(site: WeightSite, w: torch.Tensor, stats: SiteStats | None) -> _Problem:
