@@ -2,9 +2,10 @@
 
 For every weight site, one forward pass over the calibration batches accumulates either
 the second moment of the layer's input, ``C = XᵀX / rows`` (fp64), or, for a table used
-only by lookups, how often each row was looked up. Sites whose ops read the same
-activation (q/k/v, gate/up) share one accumulator, found on the graph by
-``ir.shared_input_groups``, so the shared covariance is computed once.
+only by lookups, how often each row was looked up. Linear-like inputs also get their
+per-feature absolute maximum and a small sample of rows (for LLM.int8()-style pricing).
+Sites whose ops read the same activation (q/k/v, gate/up) share one accumulator, found on
+the graph by ``ir.shared_input_groups``, so the shared statistics are computed once.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ from tqdm.auto import tqdm
 
 from ir import UseKind, WeightSite, WeightUse, shared_input_groups, split_inputs
 
-__all__ = ["SiteStats", "CalibrationError", "check_calibration", "calibration_loss", "collect_statistics"]
+__all__ = ["INPUT_SAMPLE_ROWS", "CalibrationError", "SiteStats", "calibration_loss", "check_calibration", "collect_statistics"]
+
+#: Rows of each linear-like input kept in ``SiteStats.input_sample`` (at most 32 per forward
+#: call, strided over its rows, so they come from the first batches).
+INPUT_SAMPLE_ROWS = 128
+_SAMPLE_PER_CALL = 32
 
 
 class CalibrationError(ValueError):
@@ -40,12 +46,18 @@ class SiteStats:
             respect to one coordinate of that module's output, ``E‖∂L/∂y‖² / out_dim`` — the
             diagonal-Fisher scale that turns an output error into a predicted loss increase.
             Empty when sensitivities were not collected.
+        input_absmax: per input feature, ``max |x_j|`` over every calibration row of the same
+            input as ``covariance`` (in,) fp32 (LLM.int8() outlier features); shared like it.
+        input_sample: up to :data:`INPUT_SAMPLE_ROWS` rows of that input (fp32, spread over the
+            first batches), to simulate activation quantization on; shared like it.
     """
 
     covariance: torch.Tensor | None
     token_counts: torch.Tensor | None
     rows: int
     sensitivity: dict[str, float] = field(default_factory=dict)
+    input_absmax: torch.Tensor | None = None
+    input_sample: torch.Tensor | None = None
 
 
 def _describe(tree: Any) -> list[tuple[str, torch.dtype | None, int | None]]:
@@ -143,6 +155,8 @@ def collect_statistics(
 
     sums: dict[tuple[str, str], torch.Tensor] = {}
     rows: dict[tuple[str, str], int] = {}
+    absmax: dict[str, torch.Tensor] = {}  # leader site -> running max |x| per input feature
+    samples: dict[str, list[torch.Tensor]] = {}  # leader site -> sampled input rows
 
     def add(key, value, n):
         sums[key] = sums[key] + value if key in sums else value
@@ -153,6 +167,13 @@ def collect_statistics(
             flat = _rows_of(inputs[0].detach(), kind).float()
             # fp32 per batch is exact enough for one batch; the running sum is kept in fp64.
             add(("cov", name), (flat.T @ flat).double().cpu(), flat.shape[0])
+            amax = flat.abs().amax(0).cpu()
+            absmax[name] = torch.maximum(absmax[name], amax) if name in absmax else amax
+            taken = sum(len(x) for x in samples.setdefault(name, []))
+            if taken < INPUT_SAMPLE_ROWS:  # a strided handful from each of the first batches
+                step = max(1, flat.shape[0] // _SAMPLE_PER_CALL)
+                take = flat[::step][: min(_SAMPLE_PER_CALL, INPUT_SAMPLE_ROWS - taken)]
+                samples[name].append(take.to("cpu", copy=True))  # a copy: a view would keep the batch alive
 
         return hook
 
@@ -224,9 +245,10 @@ def collect_statistics(
 
     stats: dict[str, SiteStats] = {}
     covariances: dict[str, torch.Tensor] = {}
+    sample_of = {name: torch.cat(rows_taken) for name, rows_taken in samples.items()}
     for site in sites:
         name = site.name
-        covariance = counts = None
+        covariance = counts = input_absmax = input_sample = None
         n = 0
         if name in cov_uses:
             key = ("cov", leader_of[name])
@@ -235,6 +257,7 @@ def collect_statistics(
             if key not in covariances:
                 covariances[key] = sums[key] / rows[key]
             covariance, n = covariances[key], rows[key]
+            input_absmax, input_sample = absmax[leader_of[name]], sample_of[leader_of[name]]
         if name in count_uses:
             key = ("count", name)
             if key not in sums:
@@ -242,5 +265,5 @@ def collect_statistics(
             counts = sums[key]
             n = n or rows[key]
         sensitivity = {u.module: grad_sq[u.module] / grad_rows[u.module] for u in site.uses if u.module in grad_sq}
-        stats[name] = SiteStats(covariance, counts, n, sensitivity)
+        stats[name] = SiteStats(covariance, counts, n, sensitivity, input_absmax, input_sample)
     return stats

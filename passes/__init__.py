@@ -17,6 +17,7 @@ from passes.lowrank import LowRankConfig
 from passes.lq import LQConfig
 from passes.quant_storage import Int8Config, IntNConfig, NF4Config
 from passes.gptq import GPTQConfig
+from passes.int8_outlier import Int8OutlierConfig
 from passes.pipeline import DEFAULT_TRANSFORMS, RewriteError, apply, load, optimize, save
 from passes.plan import Plan
 from passes.report import Report
@@ -36,6 +37,7 @@ __all__ = [
     "IntNConfig",
     "NF4Config",
     "GPTQConfig",
+    "Int8OutlierConfig",
     "LQConfig",
     "DEFAULT_TRANSFORMS",
     "TRANSFORMS",

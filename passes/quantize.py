@@ -7,6 +7,12 @@ and their constants as buffers and dequantize in torch on every forward (eager, 
 alike). 1×1 Conv2d sites are left out of this family (no candidates; a quantized conv
 module is not written yet); the low-rank family still handles them.
 
+With calibration, a linear site whose inputs have outlier features also gets the
+LLM.int8() option (``passes.int8_outlier.Int8OutlierConfig``: int8 × int8 matmul plus fp16
+outlier columns); its layout, runtime module and exact pricing live in that module, which
+this transform enumerates and rewrites so that ``"quantize"`` keeps meaning every
+quantized format.
+
 Storage is real (formats in ``passes.quant_storage``): ``config.nbytes(out, in)`` is the sum of the buffers ``config.encode``
 produces (tested), so ``cost_model.stored_bytes`` of a rewritten model moves exactly by
 ``site.nbytes − nbytes``. Group formats pad the input dimension with zeros up to a multiple
@@ -40,6 +46,7 @@ from torch import nn
 from cost_model import MatmulCost, SiteStats, matmul_cost
 from ir import UseKind, WeightSite
 from passes.config import TransformConfig
+from passes.int8_outlier import Int8OutlierConfig, outlier_candidate, rewrite_int8_outlier
 from passes.quant_storage import (
     BITS,
     GROUP_SIZES,
@@ -58,7 +65,7 @@ __all__ = [
     "candidate_configs",
 ]
 
-_CONFIG_TYPES = (Int8Config, IntNConfig, NF4Config)
+_CONFIG_TYPES = (Int8Config, IntNConfig, NF4Config, Int8OutlierConfig)
 
 
 def candidate_configs(in_features: int) -> list[QuantConfig]:
@@ -142,7 +149,8 @@ class QuantizeTransform(Transform):
             error = price(config.roundtrip(w).neg_().add_(w))  # Δ = W − W', in the temporary's memory
             if math.isfinite(error):  # fp16 constants overflow past 65504: not an option then
                 result.append(Candidate(config, nbytes, error, self._cost(site, nbytes, size)))
-        return result
+        outlier = outlier_candidate(site, model, stats)  # LLM.int8(): calibrated linear sites with outliers
+        return result + ([outlier] if outlier is not None else [])
 
     @staticmethod
     def _supported(site: WeightSite, model: nn.Module) -> bool:
@@ -168,6 +176,8 @@ class QuantizeTransform(Transform):
     def rewrite(self, model: nn.Module, site: WeightSite, config: TransformConfig, ws: Workspace) -> None:
         if not isinstance(config, _CONFIG_TYPES):
             raise TypeError(f"the quantize transform does not handle {type(config).__name__}")
+        if isinstance(config, Int8OutlierConfig):
+            return rewrite_int8_outlier(model, site, config, ws)
         if not self._supported(site, model):
             raise ValueError(
                 f"{site.name} cannot be quantized: 1×1 convolutions and max_norm/sparse embeddings are not handled"
