@@ -82,7 +82,7 @@ def _failing_module(model: nn.Module, tb) -> tuple[str | None, str | None]:
     return found
 
 
-def capture(model: nn.Module, example_inputs: Any) -> torch.export.ExportedProgram:
+def capture(model: nn.Module, example_inputs: Any, dynamic_shapes: Any = None) -> torch.export.ExportedProgram:
     """Capture ``model`` on ``example_inputs`` with ``torch.export`` (non-strict).
 
     The model is not modified. Transformers models are captured with ``use_cache=False``.
@@ -90,6 +90,7 @@ def capture(model: nn.Module, example_inputs: Any) -> torch.export.ExportedProgr
     Args:
         model: the module to capture.
         example_inputs: positional inputs (tuple/list/tensor) or keyword inputs (dict).
+        dynamic_shapes: passed to ``torch.export.export`` (default: static shapes).
 
     Returns:
         The exported program; ``node.meta["val"]`` holds each node's fake tensor (shape, dtype).
@@ -99,10 +100,13 @@ def capture(model: nn.Module, example_inputs: Any) -> torch.export.ExportedProgr
             original error chained.
     """
     args, kwargs = split_inputs(example_inputs)
+    added = _no_cache_kwargs(model, kwargs).keys() - kwargs.keys()
     kwargs = _no_cache_kwargs(model, kwargs)
+    if isinstance(dynamic_shapes, Mapping):  # the added use_cache flag has no dynamic dimension
+        dynamic_shapes = {**dynamic_shapes, **{name: None for name in added}}
     try:
         with torch.no_grad():
-            return torch.export.export(model, args, kwargs, strict=False)
+            return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # torch.export raises many unrelated types; all mean "not capturable"
         module, location = _failing_module(model, sys.exc_info()[2])
         where = (

@@ -6,6 +6,7 @@ opt = passes.optimize(model, example_inputs, target_memory=0.5, calibration=batc
 opt.plan, opt.report          # per-weight choices (JSON round-trip), readable summary
 passes.apply(model, opt.plan, calibration=batches)   # replay without solving
 passes.save(opt, "out/"); passes.load("out/", model) # restore without solving or data
+passes.export_onnx(opt, example_inputs, "model.onnx")  # ONNX Runtime file, weights still packed
 ```
 
 Importing this package pulls in torch, networkx and tqdm only: no triton, OR-Tools, onnx or
@@ -19,6 +20,7 @@ from passes.quant_storage import Int8Config, IntNConfig, NF4Config
 from passes.gptq import GPTQConfig
 from passes.int8_outlier import Int8OutlierConfig
 from passes.pipeline import DEFAULT_TRANSFORMS, RewriteError, apply, load, optimize, save
+from passes.export import OnnxExportError, export_onnx
 from passes.plan import Plan
 from passes.report import Report
 from passes.transform import TRANSFORMS
@@ -28,6 +30,8 @@ __all__ = [
     "apply",
     "save",
     "load",
+    "export_onnx",
+    "OnnxExportError",
     "Plan",
     "Report",
     "TransformConfig",

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from codegen import dispatch
 from cost_model import dtype_size
+from passes import dequant_ops
 from passes import quant_formats as qf
 from passes.config import TransformConfig, register_config
 
@@ -67,7 +69,8 @@ def _load_constant(buffers: Buffers, name: str, double_quant: bool, rows: torch.
     if not double_quant:
         x = buffers[name]
         return (x if rows is None else x[rows]).float()
-    x = qf.dequantize_constants(buffers[f"{name}_codes"], buffers[f"{name}_blocks"])
+    dequantize = dequant_ops.dequantize_constants if torch.compiler.is_exporting() else qf.dequantize_constants
+    x = dequantize(buffers[f"{name}_codes"], buffers[f"{name}_blocks"], qf.CONSTANT_BLOCK)
     return x if rows is None else x[rows]
 
 
@@ -101,6 +104,10 @@ class QuantConfig(TransformConfig):
     ) -> torch.Tensor:
         raise NotImplementedError
 
+    def _dequantize_op(self, codes: torch.Tensor, constants: tuple[torch.Tensor, ...], cols: int) -> torch.Tensor:
+        """The same fp32 values as ``_dequantize(_unpack(codes))``, as one ``decomp::*`` op (for export)."""
+        raise NotImplementedError
+
     def _pack(self, q: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -118,6 +125,9 @@ class QuantConfig(TransformConfig):
     def decode(self, buffers: Buffers, cols: int, dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The dequantized ``(out, cols)`` weight, or only ``rows`` of it (1-D indices), in ``dtype``."""
         codes = buffers["codes"] if rows is None else buffers["codes"][rows]
+        if torch.compiler.is_exporting():
+            # One opaque op keeps the packed buffers packed in an exported graph (dequant_ops).
+            return self._dequantize_op(codes, self._constants(buffers, rows), cols).to(dtype)
         return self._dequantize(self._unpack(codes, cols), self._constants(buffers, rows), cols, dtype)
 
     def roundtrip(self, w: torch.Tensor) -> torch.Tensor:
@@ -149,6 +159,9 @@ class Int8Config(QuantConfig):
 
     def _dequantize(self, q, constants, cols, dtype):
         return qf.int8_rowwise_dequantize(q, constants[0], dtype)
+
+    def _dequantize_op(self, codes, constants, cols):
+        return dequant_ops.dequantize_int8(codes, constants[0])
 
     def _pack(self, q):
         return q
@@ -212,6 +225,9 @@ class IntNConfig(QuantConfig):
     def _dequantize(self, q, constants, cols, dtype):
         return qf.dequantize_groups(q, *constants, cols, dtype)
 
+    def _dequantize_op(self, codes, constants, cols):
+        return dequant_ops.dequantize_groups(codes, *constants, self.bits, self.group_size, cols)
+
     def _pack(self, q):
         # Every row holds whole packing words (padded columns are a multiple of 32), so the
         # flat packing splits into rows and an embedding can gather rows of bytes.
@@ -267,6 +283,9 @@ class NF4Config(QuantConfig):
 
     def _dequantize(self, q, constants, cols, dtype):
         return qf.nf4_dequantize(q, constants[0], cols, dtype)
+
+    def _dequantize_op(self, codes, constants, cols):
+        return dequant_ops.dequantize_nf4(codes, constants[0], self.group_size, cols)
 
     def _pack(self, q):
         return qf.pack(q, 4).view(q.shape[0], -1)
@@ -338,6 +357,8 @@ class QuantizedLinear(nn.Module):
         return self.packed.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if dispatch.use_kernels(x, self.bias):
+            return dispatch.quant_linear(x, self.packed, self.bias)  # dequantizes on chip, codes read as stored
         return F.linear(x, self.packed.dequantize(dtype=x.dtype), self.bias)
 
 
