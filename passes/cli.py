@@ -1,8 +1,9 @@
-"""The ``decomp`` command line: optimize a model and save it, print a saved report.
+"""The ``decomp`` command line: optimize a model and save it, print a saved report, export it to ONNX.
 
 ```
 decomp optimize smollm2 --target-memory 0.9 --calibration 64 --out out/smollm2
 decomp report out/smollm2
+decomp export out/smollm2 --out smollm2.onnx
 ```
 MODEL is a packaged real model (``smollm2``, ``minilm``), a local transformers folder, or
 ``module:factory`` where ``factory()`` returns a model, ``(model, example_inputs)`` or
@@ -124,6 +125,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     if args.eval and loaded.tokenizer is not None:
         optimized.report.metrics.update(_evaluate(loaded, loaded.model, optimized, args.eval_tokens))
     optimized.report.timings["total"] = time.perf_counter() - start
+    optimized.plan.meta["source"] = args.model  # lets `decomp export` rebuild the base model
     passes.save(optimized, args.out)
     print(optimized.report)
     print(f"\nsaved to {args.out} (restore with passes.load({str(args.out)!r}, model))")
@@ -137,6 +139,29 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if not path.exists():
         raise SystemExit(f"decomp: {path} not found; is {args.dir} a `decomp optimize --out` folder?")
     print(Report.from_dict(json.loads(path.read_text())))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import passes
+    from passes import zoo
+
+    directory = Path(args.dir)
+    if not (directory / "plan.json").exists():
+        raise SystemExit(f"decomp: {directory / 'plan.json'} not found; is {args.dir} a `decomp optimize --out` folder?")
+    source = args.model or passes.Plan.load(directory / "plan.json").meta.get("source")
+    if source is None:
+        raise SystemExit("decomp: the plan does not say which model it was made for; pass --model MODEL")
+    loaded = resolve_model(source)
+    restored = passes.load(directory, loaded.model)
+    example = loaded.example_inputs
+    if loaded.tokenizer is not None:  # batch and length ≥ 2, so that both stay dynamic
+        example = (zoo.wiki_tokens(loaded.tokenizer, "calibration", 32).view(2, 16),)
+    result = passes.export_onnx(restored, example, args.out)
+    print(
+        f"wrote {result.path}: {result.file_bytes} bytes for {result.stored_bytes} stored "
+        f"({result.size_ratio:.3f}x), opset {result.opset}, inputs {result.inputs}"
+    )
     return 0
 
 
@@ -159,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="print the report of a saved optimization")
     rep.add_argument("dir")
     rep.set_defaults(func=_cmd_report)
+    exp = sub.add_parser("export", help="write a saved optimization as an ONNX file (ONNX Runtime runs it)")
+    exp.add_argument("dir", help="a `decomp optimize --out` folder")
+    exp.add_argument("--out", required=True, type=Path, help="the .onnx file to write")
+    exp.add_argument("--model", default=None, help="the MODEL given to `decomp optimize` (default: recorded in the plan)")
+    exp.set_defaults(func=_cmd_export)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -266,3 +266,24 @@ def test_int_mm_is_matmul_integer(tmp_path):
     result = export_onnx(IntMM(), (a, b), tmp_path / "mm.onnx")
     assert result.op_types == {"MatMulInteger": 1}
     assert torch.equal(OnnxModule(result.path)(a, b), torch._int_mm(a, b))
+
+
+def test_cli_export(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    from passes.cli import main
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from factories import mlp_with_data
+
+    run = tmp_path / "run"
+    assert main(["optimize", "factories:mlp_with_data", "--target-memory", "0.5", "--out", str(run)]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "mlp.onnx")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    model, _, _ = mlp_with_data()
+    restored = passes.load(run, model)
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(OnnxModule(tmp_path / "mlp.onnx")(x), restored(x))
+    with pytest.raises(SystemExit, match="not found"):
+        main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.onnx")])
