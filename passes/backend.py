@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ir import UseKind, sites_from_modules
 from passes import pipeline
@@ -93,16 +94,7 @@ class Decomposition:
 
 # Original parameter -> the decompositions made for it (one per options object). Weak on the
 # parameter, so the compressed copies die with the model.
-_BY_PARAMETER: Any = None
-
-
-def _registry():
-    global _BY_PARAMETER
-    if _BY_PARAMETER is None:
-        from torch.utils.weak import WeakIdKeyDictionary
-
-        _BY_PARAMETER = WeakIdKeyDictionary()
-    return _BY_PARAMETER
+_BY_PARAMETER: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def decomposition(model: nn.Module, options: Mapping[str, Any] | None = None) -> Decomposition | None:
@@ -117,9 +109,8 @@ def decomposition(model: nn.Module, options: Mapping[str, Any] | None = None) ->
         The :class:`Decomposition` (plan, report, replacement modules), or ``None`` if the
         backend has not rewritten this model.
     """
-    registry = _registry()
     for p in model.parameters():
-        found = registry.get(p, [])
+        found = _BY_PARAMETER.get(p, [])
         for dec in reversed(found):
             if options is None or dec._options is options:
                 return dec
@@ -305,16 +296,14 @@ def _decompose(root: nn.Module, options: dict[str, Any]) -> Decomposition:
             bias = getattr(root.get_submodule(use.module), "bias", None)
             dec.modules[use.module] = optimized.get_submodule(use.module)
             dec._uses.setdefault((id(weight), use.kind), []).append((use.module, None if bias is None else id(bias)))
-    registry = _registry()
     for p in root.parameters():
-        registry.setdefault(p, []).append(dec)
+        _BY_PARAMETER.setdefault(p, []).append(dec)
     return dec
 
 
-def _decomposition_for(gm: fx.GraphModule, params: dict[fx.Node, torch.Tensor], options: dict) -> Decomposition | None:
-    registry = _registry()
+def _decomposition_for(params: dict[fx.Node, torch.Tensor], options: dict) -> Decomposition | None:
     for p in params.values():
-        for dec in registry.get(p, []):
+        for dec in _BY_PARAMETER.get(p, []):
             if dec._options is options:
                 return dec
     root = _find_root(params)
@@ -331,7 +320,6 @@ def _decomposition_for(gm: fx.GraphModule, params: dict[fx.Node, torch.Tensor], 
 # ---- rewriting the graph ------------------------------------------------------------------
 
 _LINEAR = {torch._C._nn.linear, torch.nn.functional.linear}
-_EMBEDDING = {torch.nn.functional.embedding, torch.embedding}
 _ADDMM = {torch.addmm}
 _CONV2D = {torch.conv2d, torch.nn.functional.conv2d}
 
@@ -476,7 +464,11 @@ def decomp_backend(
     plans = "target_memory" in opts or "plan" in opts
     params = _parameter_inputs(gm) if plans else {}
     if params:
-        dec = _decomposition_for(gm, params, options)
+        dec = _decomposition_for(params, options)
         if dec is not None:
             _rewrite_graph(gm, params, dec)
+    from codegen.fusion import fuse_epilogues, should_fuse  # light: triton only when a kernel runs
+
+    if should_fuse(example_inputs):  # CUDA inputs: rewritten linears + their elementwise tails → one kernel
+        fuse_epilogues(gm)
     return _inductor(gm, example_inputs, mode, opts.get("inductor", {}))

@@ -84,6 +84,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from codegen import dispatch
 from cost_model import MatmulCost, SiteStats, matmul_cost
 from ir import UseKind, WeightSite
 from passes.config import TransformConfig, register_config
@@ -188,6 +189,8 @@ class LQLinear(nn.Module):
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if dispatch.use_kernels(x, self.down, self.up, self.bias):
+            return dispatch.quant_linear(x, self.packed, self.bias, self.down, self.up)  # dequant + low-rank kernel
         return F.linear(x, self.packed.dequantize(dtype=x.dtype), self.bias) + F.linear(F.linear(x, self.down), self.up)
 
     def extra_repr(self) -> str:

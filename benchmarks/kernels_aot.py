@@ -1,0 +1,133 @@
+"""Compile every kernel variant for a GPU architecture ahead of time — no GPU needed.
+
+Triton compiles for a target it is told about (``GPUTarget("cuda", 90, 32)`` = H100) down to a
+cubin with its bundled ``ptxas``; this catches what Triton's CPU interpreter cannot (layouts of
+``tl.join``/``tl.reshape``, shared memory per config, unsupported casts) before a GPU run.
+
+    python benchmarks/kernels_aot.py             # sm_90, every template × formats × tuning configs
+    python benchmarks/kernels_aot.py --arch 80 --quick
+
+Prints one line per variant (shared memory bytes, registers when ptxas reports them) and a
+summary; exits non-zero if any variant fails to compile or needs more shared memory than the
+architecture has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("DECOMP_AUTOTUNE", "0")  # build untuned kernels: we compile the configs ourselves
+
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+TY = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+
+
+def _signature(fn, pointers: dict, constexprs: dict) -> tuple[dict, dict]:
+    sig, const = {}, {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name], const[name] = "constexpr", constexprs[name]
+        elif name.endswith("_ptr"):
+            sig[name] = pointers.get(name, pointers["default"])
+        else:
+            sig[name] = "i32"
+    return sig, const
+
+
+def _compile(kernel, pointers, constexprs, config, arch):
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    fn = kernel.fn
+    meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+    sig, const = _signature(fn, pointers, {**constexprs, **meta})
+    src = triton.compiler.ASTSource(fn, sig, const)
+    options = {"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 2)}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def variants(quick: bool):
+    """(label, kernel, pointer types, constexprs, configs) for every template and format we ship."""
+    from codegen.kernels import dequant, lowrank, monarch
+    from codegen.template import Epilogue
+
+    ep = Epilogue.parse("silu,mul")
+    out = []
+    for dt in ("fp16", "bf16", "fp32"):
+        full = dt == "fp16" and not quick
+        for r_pad in (16, 64, 256) if full else (64,):
+            for e in (Epilogue(), ep) if dt == "fp16" else (Epilogue(),):
+                consts = {"HAS_BIAS": True, "IEEE": dt == "fp32", "UPCAST": False, "R_PAD": r_pad}
+                configs = lowrank.CONFIGS if full else lowrank.CONFIGS[:1]
+                out.append((f"lowrank {dt} r_pad={r_pad} ep={e.spec or '-'}", lowrank.kernel(e), {"default": TY[dt]}, consts, configs))
+    formats = ["int8", "int4g32", "int4g128dq", "int3g64", "int2g128", "nf4g64dq", "int3g32dq", "nf4g128"]
+    for fmt in formats if not quick else formats[:3]:
+        f = dequant.QuantFormat.parse(fmt)
+        for dt in ("fp16", "bf16", "fp32") if fmt == "int4g32" else ("fp16",):
+            code_ty = "*i8" if f.kind == 2 else "*u8"
+            const_ty = "*u8" if f.dq else "*fp16"
+            pointers = {
+                "default": TY[dt],
+                "codes_ptr": code_ty,
+                "c0_ptr": const_ty,
+                "c1_ptr": "*fp32" if f.dq else TY[dt],
+                "c2_ptr": const_ty,
+                "c3_ptr": "*fp32" if f.dq else TY[dt],
+                "cb_ptr": "*fp32",
+            }
+            for has_lr in (False, True) if fmt == "int3g64" else (False,):
+                consts = {
+                    "KIND": f.kind, "BITS": f.bits, "GROUP": max(f.group, 1), "DQ": f.dq, "HAS_BIAS": True,
+                    "HAS_LR": has_lr, "R_PAD": 32, "IEEE": dt == "fp32", "UPCAST": False,
+                }  # fmt: skip
+                full = dt == "fp16" and not quick
+                for label, kern, configs in (
+                    ("gemv", dequant.gemv_kernel(ep if has_lr else Epilogue()), dequant.GEMV_CONFIGS),
+                    ("gemm", dequant.gemm_kernel(ep if has_lr else Epilogue()), dequant.GEMM_CONFIGS),
+                ):
+                    out.append((f"dequant {label} {fmt} {dt} lr={has_lr}", kern, pointers, consts, configs if full else configs[:1]))
+    for dt in ("fp16", "bf16", "fp32") if not quick else ("fp16",):
+        full = dt == "fp16" and not quick
+        flags = {"IEEE": dt == "fp32", "UPCAST": False}
+        out.append((f"monarch stage1 {dt}", monarch.stage1_kernel(), {"default": TY[dt]}, flags,
+                    monarch.STAGE1_CONFIGS if full else monarch.STAGE1_CONFIGS[:1]))  # fmt: skip
+        out.append((f"monarch stage2 {dt}", monarch.stage2_kernel(ep), {"default": TY[dt]}, {**flags, "HAS_BIAS": True},
+                    monarch.STAGE2_CONFIGS if full else monarch.STAGE2_CONFIGS[:1]))  # fmt: skip
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability × 10 (90 = H100, 80 = A100)")
+    parser.add_argument("--quick", action="store_true", help="one config per variant, fewer formats")
+    args = parser.parse_args(argv)
+    limit = SHARED_LIMIT.get(args.arch, 99 * 1024)
+    failures, n, start = [], 0, time.time()
+    for label, kernel, pointers, consts, configs in variants(args.quick):
+        for config in configs:
+            n += 1
+            name = f"{label} {config}"
+            try:
+                compiled = _compile(kernel, pointers, consts, config, args.arch)
+            except Exception as e:  # noqa: BLE001 — report every failing variant, then fail
+                failures.append(name)
+                print(f"FAIL  {name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+                continue
+            shared = compiled.metadata.shared
+            regs = getattr(compiled, "n_regs", None)
+            over = shared > limit
+            if over:
+                failures.append(name)
+            print(f"{'OVER' if over else 'ok  '}  {name}: shared {shared} B" + (f", {regs} regs" if regs else ""), flush=True)
+    print(f"\n{n - len(failures)}/{n} variants compiled for sm_{args.arch} in {time.time() - start:.0f} s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

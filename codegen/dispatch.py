@@ -1,0 +1,83 @@
+"""When the rewritten modules call the kernels, and the calls they make (light: no triton import).
+
+``passes`` modules (``LowRankLinear``, ``QuantizedLinear``, ``LQLinear``, ``MonarchLinear``)
+ask :func:`use_kernels` in their ``forward``; when it says yes they call the ``decomp::*``
+operator through the helpers here, otherwise they keep their eager torch code (which is the
+kernels' reference, so both give the same results up to rounding order). Yes means:
+
+- the input is on CUDA and triton is installed (or :func:`force_kernels` is on: the CPU tests
+  run the operators, i.e. Triton's interpreter, this way),
+- no gradient is needed (the kernels have no backward),
+- the module's float parameters have the input's dtype (under autocast they may not),
+- not inside ``torch.export`` (export keeps the modules' own code, which
+  ``passes.dequant_ops``/ONNX lowering translate),
+- not switched off with ``DECOMP_KERNELS=0`` (or :func:`force_kernels(False) <force_kernels>`).
+
+The operators are registered on first use (``import codegen.ops``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+
+import torch
+
+__all__ = ["force_kernels", "lowrank_linear", "monarch_linear", "quant_linear", "use_kernels"]
+
+_TRITON = importlib.util.find_spec("triton") is not None
+_ENABLED = os.environ.get("DECOMP_KERNELS", "1") != "0"
+_FORCE: bool | None = None  # None: decide by device; True/False: forced on/off
+
+
+@contextlib.contextmanager
+def force_kernels(on: bool = True):
+    """Within the block, rewritten modules call the ``decomp::*`` operators on any device (``on``)
+    or never (``not on``). CPU inputs then run the kernels in Triton's interpreter when
+    ``TRITON_INTERPRET=1``, else the torch references."""
+    global _FORCE
+    previous, _FORCE = _FORCE, on
+    try:
+        yield
+    finally:
+        _FORCE = previous
+
+
+def use_kernels(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """Whether a rewritten module with input ``x`` and float parameters ``params`` should call its kernel."""
+    if torch.compiler.is_exporting():
+        return False
+    params = [p for p in params if p is not None]
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return False
+    if any(p.dtype != x.dtype for p in params):
+        return False  # mixed dtypes (autocast): the torch path casts, the kernels do not
+    if _FORCE is not None:
+        return _FORCE
+    return _ENABLED and _TRITON and x.is_cuda
+
+
+def _ops():
+    import codegen.ops  # noqa: F401  (registers torch.ops.decomp.*)
+
+    return torch.ops.decomp
+
+
+def lowrank_linear(x, down, up, bias=None, epilogue: str = "", aux=()) -> torch.Tensor:
+    """``decomp::lowrank_linear``: ``epilogue((x·downᵀ)·upᵀ + bias)``."""
+    return _ops().lowrank_linear(x, down, up, bias, epilogue, list(aux))
+
+
+def quant_linear(x, packed, bias=None, down=None, up=None, epilogue: str = "", aux=()) -> torch.Tensor:
+    """``decomp::quant_linear`` over a ``PackedWeight``'s buffers as stored (+ the optional low-rank term)."""
+    from codegen.kernels.dequant import QuantFormat
+
+    fmt = QuantFormat.of(packed.config)
+    constants = [getattr(packed, n) for n in fmt.constant_names()]
+    return _ops().quant_linear(x, packed.codes, constants, fmt.spec, packed.shape[1], bias, down, up, epilogue, list(aux))
+
+
+def monarch_linear(x, L, R, out_features: int, bias=None, epilogue: str = "", aux=()) -> torch.Tensor:
+    """``decomp::monarch_linear``: ``epilogue(monarch(x) + bias)``."""
+    return _ops().monarch_linear(x, L, R, out_features, bias, epilogue, list(aux))

@@ -1,0 +1,76 @@
+"""What every kernel wrapper shares: argument checks, the dot helper, launch constants.
+
+Not a kernel. The Triton source here (:data:`DOT_HELPER`) is pasted into templates.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from codegen.template import Epilogue, interpreting
+
+__all__ = ["DOT_HELPER", "FLOAT_DTYPES", "KernelError", "aux_rows", "check_float", "dot_flags", "next_pow2", "rows_of"]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: ``acc += a @ b`` with the precision the torch reference uses. ``IEEE``: fp32 inputs without
+#: TF32 (torch's default for fp32 matmuls). ``UPCAST``: widen to fp32 first — Triton's
+#: interpreter computes bf16 ``tl.dot`` wrongly (numpy has no bfloat16; we measured errors of
+#: 1e10), so CPU runs of bf16 kernels take this path; compiled GPU kernels never do.
+DOT_HELPER = '''
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+'''
+
+
+class KernelError(ValueError):
+    """Arguments a kernel cannot take (shapes, dtypes, devices); the message says what is expected."""
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def check_float(name: str, t: torch.Tensor, dtype: torch.dtype | None = None, device=None) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise KernelError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise KernelError(f"{name} is {t.dtype} but the input is {dtype}; cast it (module.to(dtype))")
+    if device is not None and t.device != device:
+        raise KernelError(f"{name} is on {t.device} but the input is on {device}; move the module (.to(device))")
+
+
+def rows_of(x: torch.Tensor, k: int, name: str = "x") -> torch.Tensor:
+    """``x`` as a row-contiguous ``(M, k)`` matrix (a view when it already is one)."""
+    if x.shape[-1] != k:
+        raise KernelError(f"{name} has {x.shape[-1]} features in its last dimension, the weight expects {k}")
+    x2 = x.reshape(-1, k)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def aux_rows(aux, epilogue: Epilogue, out_shape: tuple[int, ...], device, m: int, n: int) -> list[torch.Tensor]:
+    """The epilogue's auxiliary tensors as contiguous ``(M, N)`` matrices (shape-checked)."""
+    aux = list(aux)
+    if len(aux) != epilogue.n_aux:
+        raise KernelError(f"epilogue {epilogue.spec!r} reads {epilogue.n_aux} auxiliary tensor(s), got {len(aux)}")
+    out = []
+    for i, a in enumerate(aux):
+        if tuple(a.shape) != tuple(out_shape):
+            raise KernelError(f"auxiliary tensor {i} has shape {tuple(a.shape)}, the output is {tuple(out_shape)}")
+        if a.device != device:
+            raise KernelError(f"auxiliary tensor {i} is on {a.device}, the output on {device}")
+        out.append(a.reshape(m, n).contiguous())
+    return out
+
+
+def dot_flags(dtype: torch.dtype) -> dict:
+    """``IEEE``/``UPCAST`` constexprs for inputs of ``dtype`` (see :data:`DOT_HELPER`)."""
+    ieee = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    upcast = dtype == torch.bfloat16 and interpreting()
+    return {"IEEE": ieee or upcast, "UPCAST": upcast}

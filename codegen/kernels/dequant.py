@@ -1,0 +1,438 @@
+"""Dequantize-and-multiply kernels over ``passes.quant_storage``'s packed buffers, as they are stored.
+
+``y = epilogue(x·Wᵀ + (x·downᵀ)·upᵀ + bias)`` with ``W`` decoded on chip from its codes and
+constants; the low-rank term is optional (``passes.lq.LQLinear``), so is the bias. Nothing is
+repacked: the kernels read the ``codes`` (uint8, ``(out, row_bytes)``; int8 codes for
+``Int8Config``) and the constants in the layout ``IntNConfig``/``NF4Config``/``Int8Config``
+store them, fp16 or double-quantized (uint8 codes with an fp32 ``[scale, offset]`` per
+block of 256 constants, decoded in the kernel too).
+
+Formats (the ``fmt`` string): ``int8``; ``int{2,3,4}g{32,64,128}``; ``nf4g{32,64,128}``; a
+``dq`` suffix for double-quantized constants. Packed codes are a little-endian bit stream
+per row (int4: two per byte, int2: four, int3: eight per three bytes): a tile of ``BK`` codes
+is ``BK·bits/8`` contiguous bytes, split into code planes with shifts and interleaved back into
+column order with ``tl.join`` (no per-element gathers).
+
+Two paths:
+
+- GEMV (``M ≤`` :data:`GEMV_MAX_M`, batch-1 decode): a program owns ``BN`` output rows of
+  one input row, accumulates ``w ⊙ x`` in fp32 over K and reduces once; no tensor cores,
+  the weight bytes are the whole cost (4× fewer than fp16 for int4).
+- GEMM (prefill): ``BM × BN`` tiles, the dequantized ``BN × BK`` weight tile cast to the input
+  dtype and fed to ``tl.dot`` (the dequantized tile never leaves the chip).
+
+The low-rank term: ``t = x·downᵀ`` (``M × r``, small) is one torch matmul before the launch;
+the kernel adds ``t·upᵀ`` to its accumulator, so the ``M × out`` low-rank output and the add
+never go through global memory.
+
+``BK`` (128 or 256) is a multiple of every group size: a tile's constants are a
+``BN × BK/group`` block, broadcast over the group's columns.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from codegen.kernels.common import (
+    DOT_HELPER,
+    KernelError,
+    aux_rows,
+    check_float,
+    dot_flags,
+    next_pow2,
+    rows_of,
+)
+from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
+
+__all__ = [
+    "GEMV_MAX_M",
+    "MAX_RANK",
+    "QuantFormat",
+    "dequantize_ref",
+    "gemm_kernel",
+    "gemv_kernel",
+    "quant_linear",
+    "quant_linear_ref",
+]
+
+#: Row counts up to this take the GEMV path.
+GEMV_MAX_M = 4
+
+#: Largest padded rank of the fused low-rank term.
+MAX_RANK = 256
+
+CONSTANT_BLOCK = 256  # passes.quant_formats.CONSTANT_BLOCK (checked in the tests)
+
+_FMT = re.compile(r"^(?:(int8)|int([234])g(32|64|128)|nf4g(32|64|128))(dq)?$")
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """A packed weight format as the kernels see it.
+
+    Attributes:
+        kind: 0 asymmetric groups (``q·scale + min``), 1 NF4 (``codebook[q]·absmax``), 2 int8 per row.
+        bits: code width (8 for int8).
+        group: columns per constant (0 for int8: one scale per row).
+        dq: constants double-quantized.
+    """
+
+    kind: int
+    bits: int
+    group: int
+    dq: bool
+
+    @classmethod
+    def parse(cls, fmt: str) -> QuantFormat:
+        m = _FMT.match(fmt)
+        if m is None:
+            raise KernelError(f"unknown quantized format {fmt!r}; expected int8, int{{2,3,4}}g{{32,64,128}} or nf4g{{32,64,128}}, optionally + 'dq'")
+        int8, bits, g, g_nf4, dq = m.groups()
+        if int8:
+            if dq:
+                raise KernelError("int8 stores its scales as fp16 only; 'int8dq' does not exist")
+            return cls(2, 8, 0, False)
+        if bits:
+            return cls(0, int(bits), int(g), bool(dq))
+        return cls(1, 4, int(g_nf4), bool(dq))
+
+    @classmethod
+    def of(cls, config) -> QuantFormat:
+        """The format of a ``passes.quant_storage`` config (``Int8Config``, ``IntNConfig``, ``NF4Config``)."""
+        name = type(config).__name__
+        if name == "Int8Config":
+            return cls(2, 8, 0, False)
+        if name == "IntNConfig":
+            return cls(0, config.bits, config.group_size, config.double_quant)
+        if name == "NF4Config":
+            return cls(1, 4, config.group_size, config.double_quant)
+        raise KernelError(f"no dequantization kernel for {name} (Int8Config, IntNConfig, NF4Config have one)")
+
+    @property
+    def spec(self) -> str:
+        if self.kind == 2:
+            return "int8"
+        base = f"int{self.bits}g{self.group}" if self.kind == 0 else f"nf4g{self.group}"
+        return base + ("dq" if self.dq else "")
+
+    def constant_names(self) -> tuple[str, ...]:
+        """The ``PackedWeight`` buffer names the kernels read, in their argument order."""
+        if self.kind == 2:
+            return ("scale",)
+        names = ("scale", "minimum") if self.kind == 0 else ("absmax",)
+        if self.dq:
+            return tuple(f"{n}_{part}" for n in names for part in ("codes", "blocks"))
+        return names
+
+
+_HELPERS = (
+    DOT_HELPER
+    + '''
+
+@triton.jit
+def _constant(vals_ptr, blocks_ptr, idx, mask, DQ: tl.constexpr):
+    """fp32 constants at ``idx``: stored fp16, or uint8 codes · block scale + block offset."""
+    if DQ:
+        blk = idx // 256
+        c = tl.load(vals_ptr + idx, mask=mask, other=0).to(tl.float32)
+        return c * tl.load(blocks_ptr + 2 * blk, mask=mask, other=0.0) + tl.load(blocks_ptr + 2 * blk + 1, mask=mask, other=0.0)
+    return tl.load(vals_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _weight_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
+                 KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr):
+    """The fp32 ``(BN, BK)`` tile of W at rows ``offs_n``, columns ``k0 … k0 + BK``."""
+    if KIND == 2:
+        offs_k = k0 + tl.arange(0, BK)
+        q = tl.load(codes_ptr + offs_n[:, None] * row_bytes + offs_k[None, :],
+                    mask=n_mask[:, None] & (offs_k < row_bytes)[None, :], other=0)
+        s = tl.load(c0_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        w = q.to(tl.float32) * s[:, None]
+    else:
+        w = _packed_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
+                         KIND, BITS, GROUP, DQ, BN, BK)
+    return w
+
+
+@triton.jit
+def _packed_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
+                 KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr):
+    """``_weight_tile`` of the packed group formats (intN, NF4)."""
+    # packed codes: BK·BITS/8 contiguous bytes per row; words past the stored (padded) row are masked
+    base = codes_ptr + offs_n[:, None] * row_bytes + (k0 * BITS) // 8
+    if BITS == 4:
+        j = tl.arange(0, BK // 2)
+        b = tl.load(base + j[None, :], mask=n_mask[:, None] & ((k0 + 2 * j) < n_groups * GROUP)[None, :], other=0).to(tl.int32)
+        q = tl.join(b & 15, b >> 4)
+    elif BITS == 2:
+        j = tl.arange(0, BK // 4)
+        b = tl.load(base + j[None, :], mask=n_mask[:, None] & ((k0 + 4 * j) < n_groups * GROUP)[None, :], other=0).to(tl.int32)
+        q = tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6))
+    else:
+        # int3: eight codes per little-endian 3-byte word
+        j = tl.arange(0, BK // 8)
+        mask = n_mask[:, None] & ((k0 + 8 * j) < n_groups * GROUP)[None, :]
+        word = tl.load(base + 3 * j[None, :], mask=mask, other=0).to(tl.int32)
+        word = word | (tl.load(base + 3 * j[None, :] + 1, mask=mask, other=0).to(tl.int32) << 8)
+        word = word | (tl.load(base + 3 * j[None, :] + 2, mask=mask, other=0).to(tl.int32) << 16)
+        even = tl.join(tl.join(word & 7, (word >> 12) & 7), tl.join((word >> 6) & 7, (word >> 18) & 7))
+        odd = tl.join(tl.join((word >> 3) & 7, (word >> 15) & 7), tl.join((word >> 9) & 7, (word >> 21) & 7))
+        q = tl.join(even, odd)
+    q = tl.reshape(q, (BN, BK // GROUP, GROUP))
+    g = k0 // GROUP + tl.arange(0, BK // GROUP)
+    idx = offs_n[:, None] * n_groups + g[None, :]
+    cmask = n_mask[:, None] & (g < n_groups)[None, :]
+    if KIND == 0:
+        s = _constant(c0_ptr, c1_ptr, idx, cmask, DQ)
+        mn = _constant(c2_ptr, c3_ptr, idx, cmask, DQ)
+        w = q.to(tl.float32) * s[:, :, None] + mn[:, :, None]
+    else:
+        a = _constant(c0_ptr, c1_ptr, idx, cmask, DQ)
+        w = tl.load(cb_ptr + q) * a[:, :, None]
+    return tl.reshape(w, (BN, BK))
+'''
+)
+
+_PARAMS = """
+    x_ptr, codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, bias_ptr, t_ptr, up_ptr, out_ptr, ${AUX_PARAMS}
+    M, N, K, R, row_bytes, n_groups, stride_xm, M_CLASS,
+    KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,"""
+
+GEMV_TEMPLATE = (
+    _HELPERS
+    + '''
+
+@triton.jit
+def ${KERNEL}('''
+    + _PARAMS
+    + '''
+    BN: tl.constexpr, BK: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_mask = offs_n < N
+
+    # w ⊙ x accumulated in fp32 over K, reduced once
+    part = tl.zeros((BN, BK), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        xk = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        w = _weight_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
+                         KIND, BITS, GROUP, DQ, BN, BK)
+        part += w * xk[None, :]
+    acc = tl.sum(part, axis=1)
+
+    # low-rank term t·upᵀ (t = x·downᵀ computed before the launch)
+    if HAS_LR:
+        offs_r = tl.arange(0, R_PAD)
+        tr = tl.load(t_ptr + m * R + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
+        u = tl.load(up_ptr + offs_n[:, None] * R + offs_r[None, :], mask=n_mask[:, None] & (offs_r < R)[None, :], other=0.0)
+        acc += tl.sum(u.to(tl.float32) * tr[None, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    out_offs = m * N + offs_n
+    out_mask = n_mask
+    ${EPILOGUE}
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+'''
+)
+
+GEMM_TEMPLATE = (
+    _HELPERS
+    + '''
+
+@triton.jit
+def ${KERNEL}('''
+    + _PARAMS
+    + '''
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+
+    # x tile · (dequantized tile)ᵀ on tensor cores; the fp weight tile stays on chip
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+        w = _weight_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
+                         KIND, BITS, GROUP, DQ, BN, BK)
+        acc = _dot(a, tl.trans(w.to(x_ptr.dtype.element_ty)), acc, IEEE, UPCAST)
+
+    # low-rank term t·upᵀ (t = x·downᵀ computed before the launch)
+    if HAS_LR:
+        offs_r = tl.arange(0, R_PAD)
+        t = tl.load(t_ptr + offs_m[:, None] * R + offs_r[None, :], mask=m_mask[:, None] & (offs_r < R)[None, :], other=0.0)
+        u = tl.load(up_ptr + offs_n[None, :] * R + offs_r[:, None], mask=n_mask[None, :] & (offs_r < R)[:, None], other=0.0)
+        acc = _dot(t, u, acc, IEEE, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_offs = offs_m[:, None] * N + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    ${EPILOGUE}
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+'''
+)
+
+GEMV_CONFIGS = (
+    {"BN": 16, "BK": 128, "num_warps": 4, "num_stages": 2},
+    {"BN": 32, "BK": 128, "num_warps": 4, "num_stages": 2},
+    {"BN": 8, "BK": 256, "num_warps": 4, "num_stages": 2},
+    {"BN": 64, "BK": 128, "num_warps": 8, "num_stages": 2},
+)
+GEMM_CONFIGS = (
+    {"BM": 32, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3},
+    {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3},
+    {"BM": 128, "BN": 64, "BK": 128, "num_warps": 8, "num_stages": 3},
+    {"BM": 64, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 3},
+)
+_KEY = ("M_CLASS", "N", "K", "R")
+
+
+def gemv_kernel(epilogue: Epilogue = NO_EPILOGUE):
+    """The built GEMV kernel for ``epilogue`` (cached; ``.source`` is the generated code)."""
+    return build(GEMV_TEMPLATE, "_dequant_gemv_kernel", epilogue, GEMV_CONFIGS, _KEY, __name__)
+
+
+def gemm_kernel(epilogue: Epilogue = NO_EPILOGUE):
+    """The built GEMM kernel for ``epilogue`` (cached)."""
+    return build(GEMM_TEMPLATE, "_dequant_gemm_kernel", epilogue, GEMM_CONFIGS, _KEY, __name__)
+
+
+# ---- reference -----------------------------------------------------------------------------
+
+
+def dequantize_ref(codes, constants, fmt: str, cols: int) -> torch.Tensor:
+    """fp32 ``(out, cols)`` weight from the stored buffers, by ``passes.quant_formats`` (the semantics)."""
+    from passes import quant_formats as qf
+
+    f = QuantFormat.parse(fmt)
+    if f.kind == 2:
+        return qf.int8_rowwise_dequantize(codes, constants[0].float())
+    values = []
+    for i in range(0, len(constants), 2 if f.dq else 1):
+        values.append(qf.dequantize_constants(constants[i], constants[i + 1]) if f.dq else constants[i].float())
+    q = qf.unpack(codes, f.bits, values[0].shape[1] * f.group)
+    if f.kind == 0:
+        return qf.dequantize_groups(q, values[0], values[1], cols)
+    return qf.nf4_dequantize(q, values[0], cols)
+
+
+def quant_linear_ref(
+    x, codes, constants, fmt: str, cols: int, bias=None, down=None, up=None, epilogue: str = "", aux=()
+) -> torch.Tensor:
+    """The semantics (what ``QuantizedLinear``/``LQLinear`` compute, then the epilogue in fp32)."""
+    y = F.linear(x, dequantize_ref(codes, constants, fmt, cols).to(x.dtype), bias)
+    if down is not None:
+        y = y + F.linear(F.linear(x, down), up)
+    return Epilogue.parse(epilogue).apply_ref(y.float(), aux).to(x.dtype)
+
+
+# ---- launch --------------------------------------------------------------------------------
+
+_CODEBOOKS: dict[torch.device, torch.Tensor] = {}
+
+
+def _codebook(device: torch.device) -> torch.Tensor:
+    if device not in _CODEBOOKS:
+        from passes.quant_formats import NF4_CODEBOOK
+
+        _CODEBOOKS[device] = NF4_CODEBOOK.to(device=device, dtype=torch.float32)
+    return _CODEBOOKS[device]
+
+
+def _check_buffers(f: QuantFormat, codes, constants, cols: int) -> int:
+    """Validate the stored buffers against the format; returns the number of groups per row."""
+    out = codes.shape[0]
+    names = f.constant_names()
+    if len(constants) != len(names):
+        raise KernelError(f"{f.spec} stores {len(names)} constant buffers {names}, got {len(constants)}")
+    if f.kind == 2:
+        if codes.dtype != torch.int8 or codes.shape[1] != cols:
+            raise KernelError(f"int8 codes must be int8 ({out}, {cols}), got {codes.dtype} {tuple(codes.shape)}")
+        return 1
+    first = constants[0]
+    n_groups = first.shape[1]
+    row_bytes = n_groups * f.group * f.bits // 8
+    if codes.dtype != torch.uint8 or tuple(codes.shape) != (out, row_bytes):
+        raise KernelError(f"{f.spec} codes must be uint8 ({out}, {row_bytes}), got {codes.dtype} {tuple(codes.shape)}")
+    if n_groups * f.group < cols:
+        raise KernelError(f"{f.spec}: {n_groups} groups of {f.group} cover fewer than the {cols} input columns")
+    return n_groups
+
+
+def quant_linear(
+    x, codes, constants, fmt: str, cols: int, bias=None, down=None, up=None, epilogue: str = "", aux=(), *, wrap=None
+) -> torch.Tensor:
+    """Launch the dequant GEMV (``M ≤ GEMV_MAX_M``) or GEMM kernel.
+
+    Args:
+        x: ``(..., cols)`` activations (fp32/fp16/bf16).
+        codes, constants: the ``PackedWeight`` buffers, ``constants`` in
+            :meth:`QuantFormat.constant_names` order.
+        fmt: the format spec (:class:`QuantFormat`).
+        cols: the weight's (unpadded) input size.
+        bias: ``(out,)`` or None. down, up: the optional low-rank term, ``(r, cols)`` and ``(out, r)``.
+        epilogue, aux: the fused epilogue and its auxiliary tensors (output-shaped).
+        wrap: ``torch.library.wrap_triton`` inside a ``triton_op``.
+    """
+    f = QuantFormat.parse(fmt)
+    n_groups = _check_buffers(f, codes, constants, cols)
+    n = codes.shape[0]
+    check_float("x", x)
+    if bias is not None:
+        check_float("bias", bias, x.dtype, x.device)
+    if (down is None) != (up is None):
+        raise KernelError("give both low-rank factors (down, up) or neither")
+    r = 0
+    if down is not None:
+        r = down.shape[0]
+        if down.shape != (r, cols) or up.shape != (n, r):
+            raise KernelError(f"low-rank factors must be down (r, {cols}) and up ({n}, r)")
+        check_float("down", down, x.dtype, x.device)
+        check_float("up", up, x.dtype, x.device)
+        if next_pow2(max(16, r)) > MAX_RANK:
+            raise KernelError(f"rank {r} exceeds the fused limit {MAX_RANK}; use quant_linear_ref")
+    ep = Epilogue.parse(epilogue)
+    x2 = rows_of(x, cols)
+    m = x2.shape[0]
+    out_shape = (*x.shape[:-1], n)
+    auxs = aux_rows(aux, ep, out_shape, x.device, m, n)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.view(out_shape)
+    t = F.linear(x2, down).contiguous() if down is not None else out
+    consts = [c.contiguous() for c in constants]
+    # kernel slots: (values or codes, blocks) per constant; unused slots get any valid pointer
+    c = consts if f.dq else [p for v in consts for p in (v, out)]
+    c = c + [out] * (4 - len(c))
+    cb = _codebook(x.device) if f.kind == 1 else out
+    row_bytes = codes.shape[1]
+    args = (
+        x2, codes.contiguous(), *c, cb, bias if bias is not None else out, t,
+        up.contiguous() if up is not None else out, out, *auxs,
+        m, n, cols, r, row_bytes, n_groups, x2.stride(0), shape_class(m),
+    )  # fmt: skip
+    meta = dict(
+        KIND=f.kind, BITS=f.bits, GROUP=max(f.group, 1), DQ=f.dq, HAS_BIAS=bias is not None,
+        HAS_LR=down is not None, R_PAD=next_pow2(max(16, r)), **dot_flags(x.dtype),
+    )  # fmt: skip
+    if m <= GEMV_MAX_M:
+        gemv_kernel(ep).launch(lambda meta: (-(-n // meta["BN"]), m), *args, wrap=wrap, **meta)
+    else:
+        grid = lambda meta: (-(-m // meta["BM"]), -(-n // meta["BN"]))
+        gemm_kernel(ep).launch(grid, *args, wrap=wrap, **meta)
+    return out.view(out_shape)

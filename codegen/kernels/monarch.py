@@ -1,0 +1,189 @@
+"""Monarch linear: the two block-diagonal batched matmuls, the permutation fused into the first's store.
+
+Layout (``passes.monarch.MonarchLinear``, /tmp/notes/monarch_layout.md): ``b`` blocks, rank
+``k``, input block ``p = ⌈in/b⌉``, output block ``s = ⌈out/b⌉``;
+``R: (b, k·b, p)`` with ``R[j, t·b + i, c]`` (input block j, term t, output block i) and
+``L: (b, s, b·k)`` with ``L[i, a, j·k + t]``. The reference computes
+``h[j] = R[j]·x_jᵀ``, regroups ``h[j, t·b+i] → g[i, j·k+t]`` (a permute + copy), then
+``y_i = L[i]·g[i]``.
+
+Here stage 1 (grid: input block j × row tiles × column tiles) computes ``x_j·R[j]ᵀ`` on
+tensor cores and stores each value straight at its regrouped place ``g[n, i, j·k+t]`` — the
+permutation costs no pass of its own; stage 2 (grid: output block i × row tiles × column
+tiles) computes ``g[:, i]·L[i]ᵀ`` with the bias and the fused epilogue, cropping to ``out``.
+Two launches, because every output block reads every input block's result: one program cannot
+own both stages without holding a token's whole ``b·k·b`` intermediate on chip.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from codegen.kernels.common import (
+    DOT_HELPER,
+    KernelError,
+    aux_rows,
+    check_float,
+    dot_flags,
+    rows_of,
+)
+from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
+
+__all__ = ["monarch_linear", "monarch_linear_ref", "stage1_kernel", "stage2_kernel"]
+
+STAGE1_TEMPLATE = (
+    DOT_HELPER
+    + '''
+
+@triton.jit
+def ${KERNEL}(
+    x_ptr, r_ptr, g_ptr,
+    M, IN, P, KB, NB, K_TERMS, stride_xm, M_CLASS,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
+):
+    j = tl.program_id(0)
+    offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
+    offs_c = tl.program_id(2) * BC + tl.arange(0, BC)
+    m_mask = offs_m < M
+    c_mask = offs_c < KB
+
+    # h = x_j · R[j]ᵀ over the block's p input columns (past `in`: the zero padding)
+    acc = tl.zeros((BM, BC), dtype=tl.float32)
+    for p0 in range(0, P, BP):
+        offs_p = p0 + tl.arange(0, BP)
+        col = j * P + offs_p
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :],
+                    mask=m_mask[:, None] & ((offs_p < P) & (col < IN))[None, :], other=0.0)
+        r = tl.load(r_ptr + j * KB * P + offs_c[None, :] * P + offs_p[:, None],
+                    mask=c_mask[None, :] & (offs_p < P)[:, None], other=0.0)
+        acc = _dot(a, r, acc, IEEE, UPCAST)
+
+    # the permutation: column c = t·NB + i goes to g[n, i, j·K_TERMS + t]
+    t = offs_c // NB
+    i = offs_c % NB
+    dest = offs_m[:, None] * (NB * KB) + (i * (NB * K_TERMS) + j * K_TERMS + t)[None, :]
+    tl.store(g_ptr + dest, acc.to(g_ptr.dtype.element_ty), mask=m_mask[:, None] & c_mask[None, :])
+'''
+)
+
+STAGE2_TEMPLATE = (
+    DOT_HELPER
+    + '''
+
+@triton.jit
+def ${KERNEL}(
+    g_ptr, l_ptr, bias_ptr, out_ptr, ${AUX_PARAMS}
+    M, N, S, BK_IN, NB, M_CLASS,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BM: tl.constexpr, BS: tl.constexpr, BQ: tl.constexpr,
+):
+    i = tl.program_id(0)
+    offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
+    offs_a = tl.program_id(2) * BS + tl.arange(0, BS)
+    offs_n = i * S + offs_a
+    m_mask = offs_m < M
+    n_mask = (offs_a < S) & (offs_n < N)
+
+    # y_i = g[:, i] · L[i]ᵀ
+    acc = tl.zeros((BM, BS), dtype=tl.float32)
+    for q0 in range(0, BK_IN, BQ):
+        offs_q = q0 + tl.arange(0, BQ)
+        q_mask = offs_q < BK_IN
+        a = tl.load(g_ptr + offs_m[:, None] * (NB * BK_IN) + i * BK_IN + offs_q[None, :],
+                    mask=m_mask[:, None] & q_mask[None, :], other=0.0)
+        w = tl.load(l_ptr + i * S * BK_IN + offs_a[None, :] * BK_IN + offs_q[:, None],
+                    mask=(offs_a < S)[None, :] & q_mask[:, None], other=0.0)
+        acc = _dot(a, w, acc, IEEE, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_offs = offs_m[:, None] * N + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    ${EPILOGUE}
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+'''
+)
+
+STAGE1_CONFIGS = (
+    {"BM": 32, "BC": 64, "BP": 64, "num_warps": 4, "num_stages": 3},
+    {"BM": 64, "BC": 64, "BP": 64, "num_warps": 4, "num_stages": 3},
+    {"BM": 128, "BC": 64, "BP": 32, "num_warps": 8, "num_stages": 3},
+    {"BM": 16, "BC": 128, "BP": 64, "num_warps": 4, "num_stages": 2},
+)
+STAGE2_CONFIGS = (
+    {"BM": 32, "BS": 64, "BQ": 64, "num_warps": 4, "num_stages": 3},
+    {"BM": 64, "BS": 64, "BQ": 64, "num_warps": 4, "num_stages": 3},
+    {"BM": 128, "BS": 64, "BQ": 32, "num_warps": 8, "num_stages": 3},
+    {"BM": 16, "BS": 128, "BQ": 64, "num_warps": 4, "num_stages": 2},
+)
+
+
+def stage1_kernel():
+    return build(STAGE1_TEMPLATE, "_monarch_stage1_kernel", NO_EPILOGUE, STAGE1_CONFIGS, ("M_CLASS", "IN", "P", "KB"), __name__)
+
+
+def stage2_kernel(epilogue: Epilogue = NO_EPILOGUE):
+    """The built stage-2 kernel for ``epilogue`` (cached; ``.source`` is the generated code)."""
+    return build(STAGE2_TEMPLATE, "_monarch_stage2_kernel", epilogue, STAGE2_CONFIGS, ("M_CLASS", "N", "S", "BK_IN"), __name__)
+
+
+def monarch_linear_ref(x, L, R, out_features: int, bias=None, epilogue: str = "", aux=()) -> torch.Tensor:
+    """The semantics: the layout note's ``monarch_ref`` (two bmm's and the regrouping), then the epilogue."""
+    b, kb, p = R.shape
+    k = kb // b
+    s = L.shape[1]
+    lead, n_in = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, n_in)
+    if n_in < b * p:
+        x2 = F.pad(x2, (0, b * p - n_in))
+    n = x2.shape[0]
+    h = torch.bmm(R, x2.reshape(n, b, p).permute(1, 2, 0))
+    g = h.reshape(b, k, b, n).permute(2, 0, 1, 3).reshape(b, b * k, n)
+    y = torch.bmm(L, g).reshape(b * s, n)[:out_features].t()
+    if bias is not None:
+        y = y + bias
+    y = Epilogue.parse(epilogue).apply_ref(y.float(), [a.reshape(n, out_features) for a in aux])
+    return y.to(x.dtype).reshape(*lead, out_features)
+
+
+def monarch_linear(x, L, R, out_features: int, bias=None, epilogue: str = "", aux=(), *, wrap=None) -> torch.Tensor:
+    """Launch both stages: ``epilogue(monarch(x) + bias)``.
+
+    Args:
+        x: ``(..., in)`` with ``in ≤ b·p``; L: ``(b, s, b·k)``; R: ``(b, k·b, p)``; bias ``(out,)`` or None.
+        out_features: ``out ≤ b·s``.
+        epilogue, aux: the fused epilogue and its output-shaped auxiliary tensors.
+        wrap: ``torch.library.wrap_triton`` inside a ``triton_op``.
+    """
+    if R.dim() != 3 or L.dim() != 3:
+        raise KernelError(f"Monarch factors must be L (b, s, b·k) and R (b, k·b, p), got {tuple(L.shape)}, {tuple(R.shape)}")
+    b, kb, p = R.shape
+    s = L.shape[1]
+    if kb % b or L.shape != (b, s, kb):
+        raise KernelError(f"Monarch factors disagree: R {tuple(R.shape)} needs L ({b}, s, {kb}), got {tuple(L.shape)}")
+    n_in = x.shape[-1]
+    if n_in > b * p or out_features > b * s:
+        raise KernelError(f"x has {n_in} features and out is {out_features}; the factors cover {b * p} → {b * s}")
+    for name, t in (("L", L), ("R", R)) + ((("bias", bias),) if bias is not None else ()):
+        check_float(name, t, x.dtype, x.device)
+    ep = Epilogue.parse(epilogue)
+    x2 = rows_of(x, n_in)
+    m = x2.shape[0]
+    out_shape = (*x.shape[:-1], out_features)
+    auxs = aux_rows(aux, ep, out_shape, x.device, m, out_features)
+    out = torch.empty((m, out_features), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.view(out_shape)
+    g = torch.empty((m, b * kb), dtype=x.dtype, device=x.device)
+    flags = dot_flags(x.dtype)
+    L, R = L.contiguous(), R.contiguous()
+    stage1_kernel().launch(
+        lambda meta: (b, -(-m // meta["BM"]), -(-kb // meta["BC"])),
+        x2, R, g, m, n_in, p, kb, b, kb // b, x2.stride(0), shape_class(m), wrap=wrap, **flags,
+    )  # fmt: skip
+    stage2_kernel(ep).launch(
+        lambda meta: (b, -(-m // meta["BM"]), -(-s // meta["BS"])),
+        g, L, bias if bias is not None else out, out, *auxs, m, out_features, s, kb, b, shape_class(m),
+        HAS_BIAS=bias is not None, wrap=wrap, **flags,
+    )  # fmt: skip
+    return out.view(out_shape)

@@ -1,0 +1,158 @@
+"""The kernels as ``decomp::*`` operators (``torch.library``), what modules and compiled graphs call.
+
+Each operator is a ``triton_op``: on CUDA its body launches the Triton kernel through
+``wrap_triton``, so ``torch.compile`` (dynamo + inductor) traces into it and schedules the
+kernel itself, and ``torch.export`` records it. On any other device the body calls a
+``*_host`` twin, an opaque ``custom_op`` that runs the same kernel in Triton's interpreter when
+``TRITON_INTERPRET=1`` (the CPU tests) and the eager torch reference otherwise. Fake (meta)
+implementations come from the bodies themselves (``triton_op`` traces them with fake tensors).
+
+| op | computes | module |
+|---|---|---|
+| ``decomp::lowrank_linear(x, down, up, bias, epilogue, aux)`` | ``ep((x·downᵀ)·upᵀ + b)`` | ``LowRankLinear`` |
+| ``decomp::quant_linear(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux)`` | ``ep(x·deq(W)ᵀ [+ (x·downᵀ)·upᵀ] + b)`` | ``QuantizedLinear``, ``LQLinear`` |
+| ``decomp::monarch_linear(x, L, R, out_features, bias, epilogue, aux)`` | ``ep(monarch(x) + b)`` | ``MonarchLinear`` |
+
+``epilogue`` is a :class:`codegen.template.Epilogue` spec (``""``, ``"silu,mul"``, ...); ``aux``
+its output-shaped operands. No autograd: callers take the torch path when gradients are needed.
+
+Importing this module registers the operators; it imports torch only (triton when a kernel
+first runs).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from codegen.kernels import dequant as _dequant
+from codegen.kernels import lowrank as _lowrank
+from codegen.kernels import monarch as _monarch
+
+__all__ = ["OPS", "interpreter_active", "lowrank_linear", "monarch_linear", "quant_linear"]
+
+
+def interpreter_active() -> bool:
+    """Whether kernels on CPU tensors run in Triton's interpreter (triton importable and TRITON_INTERPRET=1)."""
+    try:
+        from codegen.template import interpreting
+
+        return interpreting()
+    except ImportError:
+        return False
+
+
+def _on_gpu(x: Tensor) -> bool:
+    return x.device.type == "cuda"
+
+
+# ---- low-rank -------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("decomp::lowrank_linear_host", mutates_args=())
+def _lowrank_host(x: Tensor, down: Tensor, up: Tensor, bias: Tensor | None, epilogue: str, aux: list[Tensor]) -> Tensor:
+    if interpreter_active() and _lowrank.supports(x, down):
+        return _lowrank.lowrank_linear(x, down, up, bias, epilogue, aux)
+    return _lowrank.lowrank_linear_ref(x, down, up, bias, epilogue, aux)
+
+
+@_lowrank_host.register_fake
+def _(x, down, up, bias, epilogue, aux):
+    return x.new_empty((*x.shape[:-1], up.shape[0]))
+
+
+@triton_op("decomp::lowrank_linear", mutates_args=())
+def lowrank_linear(x: Tensor, down: Tensor, up: Tensor, bias: Tensor | None, epilogue: str, aux: list[Tensor]) -> Tensor:
+    """``epilogue((x·downᵀ)·upᵀ + bias)``; see :func:`codegen.kernels.lowrank.lowrank_linear`."""
+    if _on_gpu(x) and _lowrank.supports(x, down):
+        return _lowrank.lowrank_linear(x, down, up, bias, epilogue, aux, wrap=wrap_triton)
+    if _on_gpu(x):
+        return _lowrank.lowrank_linear_ref(x, down, up, bias, epilogue, aux)
+    return torch.ops.decomp.lowrank_linear_host(x, down, up, bias, epilogue, aux)
+
+
+# ---- dequantize + matmul (+ low-rank) ---------------------------------------------------------
+
+
+def _fits_quant(down: Tensor | None) -> bool:
+    return down is None or _dequant.next_pow2(max(16, down.shape[0])) <= _dequant.MAX_RANK
+
+
+@torch.library.custom_op("decomp::quant_linear_host", mutates_args=())
+def _quant_host(
+    x: Tensor,
+    codes: Tensor,
+    constants: list[Tensor],
+    fmt: str,
+    cols: int,
+    bias: Tensor | None,
+    down: Tensor | None,
+    up: Tensor | None,
+    epilogue: str,
+    aux: list[Tensor],
+) -> Tensor:
+    if interpreter_active() and _fits_quant(down):
+        return _dequant.quant_linear(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux)
+    return _dequant.quant_linear_ref(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux)
+
+
+@_quant_host.register_fake
+def _(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux):
+    return x.new_empty((*x.shape[:-1], codes.shape[0]))
+
+
+@triton_op("decomp::quant_linear", mutates_args=())
+def quant_linear(
+    x: Tensor,
+    codes: Tensor,
+    constants: list[Tensor],
+    fmt: str,
+    cols: int,
+    bias: Tensor | None,
+    down: Tensor | None,
+    up: Tensor | None,
+    epilogue: str,
+    aux: list[Tensor],
+) -> Tensor:
+    """``epilogue(x·deq(W)ᵀ [+ (x·downᵀ)·upᵀ] + bias)``; see :func:`codegen.kernels.dequant.quant_linear`."""
+    if _on_gpu(x) and _fits_quant(down):
+        return _dequant.quant_linear(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux, wrap=wrap_triton)
+    if _on_gpu(x):
+        return _dequant.quant_linear_ref(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux)
+    return torch.ops.decomp.quant_linear_host(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux)
+
+
+# ---- Monarch --------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("decomp::monarch_linear_host", mutates_args=())
+def _monarch_host(
+    x: Tensor, L: Tensor, R: Tensor, out_features: int, bias: Tensor | None, epilogue: str, aux: list[Tensor]
+) -> Tensor:
+    if interpreter_active():
+        return _monarch.monarch_linear(x, L, R, out_features, bias, epilogue, aux)
+    return _monarch.monarch_linear_ref(x, L, R, out_features, bias, epilogue, aux)
+
+
+@_monarch_host.register_fake
+def _(x, L, R, out_features, bias, epilogue, aux):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@triton_op("decomp::monarch_linear", mutates_args=())
+def monarch_linear(
+    x: Tensor, L: Tensor, R: Tensor, out_features: int, bias: Tensor | None, epilogue: str, aux: list[Tensor]
+) -> Tensor:
+    """``epilogue(monarch(x) + bias)``; see :func:`codegen.kernels.monarch.monarch_linear`."""
+    if _on_gpu(x):
+        return _monarch.monarch_linear(x, L, R, out_features, bias, epilogue, aux, wrap=wrap_triton)
+    return torch.ops.decomp.monarch_linear_host(x, L, R, out_features, bias, epilogue, aux)
+
+
+#: The operators the fusion pass emits (and an exporter would need translations for).
+OPS = (
+    torch.ops.decomp.lowrank_linear.default,
+    torch.ops.decomp.quant_linear.default,
+    torch.ops.decomp.monarch_linear.default,
+)

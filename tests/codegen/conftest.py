@@ -1,0 +1,64 @@
+"""Kernel tests run on CUDA when there is a GPU, else on CPU in Triton's interpreter.
+
+``TRITON_INTERPRET=1`` must be set before triton is imported (it decides how ``@triton.jit``
+wraps functions, Triton's own library included), so it is set here, at collection, and only
+when no GPU is present: on a GPU machine the same tests launch compiled kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        _INTERPRETER_PROBLEM = "triton was imported before TRITON_INTERPRET=1 could be set; run tests/codegen on its own"
+    else:
+        os.environ["TRITON_INTERPRET"] = "1"
+        _INTERPRETER_PROBLEM = None
+else:
+    _INTERPRETER_PROBLEM = None
+
+try:
+    import triton  # noqa: F401
+
+    _HAS_TRITON = True
+except ImportError:
+    _HAS_TRITON = False
+
+
+@pytest.fixture
+def device() -> str:
+    """Where kernels run: ``cuda``, or ``cpu`` through the interpreter (skipped when impossible)."""
+    if not _HAS_TRITON:
+        pytest.skip("triton is not installed")
+    if _INTERPRETER_PROBLEM:
+        pytest.skip(_INTERPRETER_PROBLEM)
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def assert_close_to_truth(out: torch.Tensor, ref_same_dtype: torch.Tensor, truth: torch.Tensor, what: str = "") -> None:
+    """The kernel's error against the fp32 truth is at most twice the eager reference's (same dtype),
+    plus a few units of the dtype's rounding at the output's scale.
+
+    Why not ``assert_close`` against the reference: the kernels accumulate and apply epilogues
+    in fp32 and round once, the eager reference rounds after every op, so in fp16/bf16 the two
+    differ by rounding noise in either direction; what matters is that the kernel is no less
+    accurate than eager. In fp32 both sides are tight.
+    """
+    out, ref, truth = out.float(), ref_same_dtype.float(), truth.float()
+    eps = torch.finfo(ref_same_dtype.dtype).eps
+    scale = truth.abs().max().clamp_min(1.0)
+    err = (out - truth).abs().max()
+    bound = 2 * (ref - truth).abs().max() + 4 * eps * scale
+    assert torch.isfinite(out).all(), f"{what}: non-finite output"
+    assert err <= bound, f"{what}: kernel error {err:.3g} > bound {bound:.3g} (eager error {(ref - truth).abs().max():.3g})"
+
+
+@pytest.fixture
+def close_to_truth():
+    """:func:`assert_close_to_truth` as a fixture (test modules here do not import each other)."""
+    return assert_close_to_truth

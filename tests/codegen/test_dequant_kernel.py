@@ -1,0 +1,127 @@
+"""Dequant GEMV/GEMM kernels over the real ``PackedWeight`` buffers: every format, dtypes, decode
+and prefill row counts, the fused low-rank term (LQ), and the module hooks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codegen import dispatch
+from codegen.kernels import dequant as D
+from codegen.kernels.common import KernelError
+from passes import quant_formats as qf
+from passes.lq import LQLinear
+from passes.quant_storage import Int8Config, IntNConfig, NF4Config, PackedWeight, QuantizedLinear
+
+FORMATS = (
+    Int8Config(),
+    IntNConfig(4, 32),
+    IntNConfig(4, 128, True),
+    IntNConfig(3, 64),
+    IntNConfig(3, 32, True),
+    IntNConfig(2, 128),
+    NF4Config(64),
+    NF4Config(32, True),
+)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _packed(config, out, inn, dtype, device, seed=0):
+    w = torch.randn(out, inn, generator=torch.Generator().manual_seed(seed))
+    return PackedWeight(config, (out, inn), dtype, config.encode(w)).to(device)
+
+
+def _buffers(pw):
+    f = D.QuantFormat.of(pw.config)
+    return pw.codes, [getattr(pw, n) for n in f.constant_names()], f.spec
+
+
+def test_constant_block_matches_storage():
+    assert D.CONSTANT_BLOCK == qf.CONSTANT_BLOCK
+
+
+@pytest.mark.parametrize("config", FORMATS, ids=lambda c: c.describe())
+def test_reference_decodes_the_stored_buffers(config):
+    pw = _packed(config, 24, 70, torch.float32, "cpu")
+    codes, constants, spec = _buffers(pw)
+    assert D.QuantFormat.parse(spec) == D.QuantFormat.of(config)
+    torch.testing.assert_close(D.dequantize_ref(codes, constants, spec, 70), pw.dequantize(dtype=torch.float32), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", FORMATS, ids=lambda c: c.describe())
+@pytest.mark.parametrize("rows", [1, 3, 37], ids=lambda m: f"m{m}")
+def test_matches_reference(device, close_to_truth, config, dtype, rows):
+    # 70 input columns: ragged against every group size (padded codes must not leak in)
+    out_f, inn = 40, 70
+    pw = _packed(config, out_f, inn, dtype, device)
+    codes, constants, spec = _buffers(pw)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, inn, generator=g).to(device=device, dtype=dtype)
+    bias = torch.randn(out_f, generator=g).to(device=device, dtype=dtype)
+    out = D.quant_linear(x, codes, constants, spec, inn, bias)
+    ref = D.quant_linear_ref(x, codes, constants, spec, inn, bias)
+    truth = D.quant_linear_ref(x.double(), codes, constants, spec, inn, bias.double())
+    close_to_truth(out, ref, truth, f"{spec} {dtype} m={rows}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 37], ids=lambda m: f"m{m}")
+def test_low_rank_term_and_epilogue(device, close_to_truth, dtype, rows):
+    out_f, inn, r = 48, 64, 8
+    pw = _packed(IntNConfig(3, 64), out_f, inn, dtype, device)
+    codes, constants, spec = _buffers(pw)
+    g = torch.Generator().manual_seed(3)
+    x, down, up, aux = (
+        torch.randn(rows, inn, generator=g),
+        torch.randn(r, inn, generator=g) / 8,
+        torch.randn(out_f, r, generator=g) / 3,
+        torch.randn(rows, out_f, generator=g),
+    )
+    x, down, up, aux = (t.to(device=device, dtype=dtype) for t in (x, down, up, aux))
+    out = D.quant_linear(x, codes, constants, spec, inn, None, down, up, "silu,mul", [aux])
+    ref = D.quant_linear_ref(x, codes, constants, spec, inn, None, down, up, "silu,mul", [aux])
+    truth = D.quant_linear_ref(x.double(), codes, constants, spec, inn, None, down.double(), up.double(), "silu,mul", [aux.double()])
+    close_to_truth(out, ref, truth, f"LQ {dtype} m={rows}")
+
+
+def test_bad_buffers_and_formats(device):
+    pw = _packed(IntNConfig(4, 32), 16, 64, torch.float32, device)
+    codes, constants, spec = _buffers(pw)
+    x = torch.randn(2, 64, device=device)
+    with pytest.raises(KernelError, match="unknown quantized format"):
+        D.quant_linear(x, codes, constants, "int5g32", 64)
+    with pytest.raises(KernelError, match="constant buffers"):
+        D.quant_linear(x, codes, constants[:1], spec, 64)
+    with pytest.raises(KernelError, match="codes must be uint8"):
+        D.quant_linear(x, codes[:, :-1], constants, spec, 64)
+    with pytest.raises(KernelError, match="both low-rank factors"):
+        D.quant_linear(x, codes, constants, spec, 64, None, torch.zeros(4, 64, device=device))
+
+
+@pytest.mark.parametrize("rows", [1, 37], ids=lambda m: f"m{m}")
+def test_modules_call_the_kernels_with_the_same_results(device, rows):
+    """QuantizedLinear and LQLinear through ``decomp::quant_linear`` equal their eager torch code."""
+    torch.manual_seed(0)
+    pw = _packed(IntNConfig(4, 32, True), 40, 96, torch.float32, device)
+    bias = torch.nn.Parameter(torch.randn(40, device=device))
+    down = torch.nn.Parameter(torch.randn(8, 96, device=device) / 10)
+    up = torch.nn.Parameter(torch.randn(40, 8, device=device) / 3)
+    x = torch.randn(rows, 96, device=device)
+    for module in (QuantizedLinear(pw, bias), LQLinear(pw, down, up, bias)):
+        with torch.no_grad():
+            with dispatch.force_kernels(False):
+                eager = module(x)
+            with dispatch.force_kernels(True):
+                fused = module(x)
+        torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_modules_keep_torch_path_when_gradients_are_needed(device):
+    pw = _packed(Int8Config(), 8, 32, torch.float32, device)
+    bias = torch.nn.Parameter(torch.zeros(8, device=device))
+    x = torch.randn(2, 32, device=device)
+    with dispatch.force_kernels(True):
+        assert not dispatch.use_kernels(x, bias)  # bias requires grad, grad mode on
+        QuantizedLinear(pw, bias)(x).sum().backward()
+    assert bias.grad is not None

@@ -1,0 +1,66 @@
+"""The two-stage Monarch kernel (permutation fused into stage 1's store) against its reference and
+against the dense matrix the factors stand for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codegen.kernels import monarch as K
+from codegen.kernels.common import KernelError
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# (rows, in, out, blocks, rank): square √n, ragged in/out (padding, cropping), rank > 1
+SHAPES = ((1, 64, 64, 8, 1), (37, 70, 45, 4, 2), (9, 100, 120, 8, 3), (20, 256, 256, 16, 1))
+
+
+def _factors(m, inn, out, b, k, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p, s = -(-inn // b), -(-out // b)
+    L = torch.randn(b, s, b * k, generator=g) / (b * k) ** 0.5
+    R = torch.randn(b, k * b, p, generator=g) / p**0.5
+    x = torch.randn(m, inn, generator=g)
+    bias = torch.randn(out, generator=g)
+    return [t.to(device=device, dtype=dtype) for t in (x, L, R, bias)]
+
+
+def _dense(L, R, out, inn):
+    b, kb, p = R.shape
+    k, s = kb // b, L.shape[1]
+    w = torch.einsum("iajt,jtic->iajc", L.reshape(b, s, b, k), R.reshape(b, k, b, p))
+    return w.reshape(b * s, b * p)[:out, :inn]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference(device, close_to_truth, dtype, shape):
+    m, inn, out, b, k = shape
+    x, L, R, bias = _factors(*shape, dtype, device)
+    y = K.monarch_linear(x, L, R, out, bias)
+    ref = K.monarch_linear_ref(x, L, R, out, bias)
+    truth = x.double() @ _dense(L.double(), R.double(), out, inn).T + bias.double()
+    close_to_truth(y, ref, truth, f"{dtype} {shape}")
+
+
+def test_reference_is_the_layout_of_passes_monarch():
+    monarch = pytest.importorskip("passes.monarch")
+    x, L, R, bias = _factors(5, 70, 45, 4, 2, torch.float32, "cpu")
+    torch.testing.assert_close(K.monarch_linear_ref(x, L, R, 45, bias), monarch.monarch_forward(x, L, R, 45, bias))
+
+
+@pytest.mark.parametrize("epilogue", ["silu,mul", "add"])
+def test_fused_epilogue(device, close_to_truth, epilogue):
+    x, L, R, bias = _factors(13, 64, 48, 8, 2, torch.float16, device, seed=4)
+    aux = [torch.randn(13, 48, generator=torch.Generator().manual_seed(5)).to(device=device, dtype=torch.float16)]
+    y = K.monarch_linear(x, L, R, 48, bias, epilogue, aux)
+    ref = K.monarch_linear_ref(x, L, R, 48, bias, epilogue, aux)
+    truth = K.monarch_linear_ref(x.double(), L.double(), R.double(), 48, bias.double(), epilogue, [aux[0].double()])
+    close_to_truth(y, ref, truth, epilogue)
+
+
+def test_bad_factors(device):
+    x, L, R, bias = _factors(2, 64, 64, 8, 1, torch.float32, device)
+    with pytest.raises(KernelError, match="disagree"):
+        K.monarch_linear(x, L[:, :, :4], R, 64, bias)
+    with pytest.raises(KernelError, match="cover"):
+        K.monarch_linear(x, L, R, 100, None)
