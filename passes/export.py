@@ -170,29 +170,46 @@ def _no_growth_fold(state_names: set[str]):
     return should_fold
 
 
-def _packed_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Buffer FQN → tensor of every packed weight, one name per distinct tensor."""
-    found: dict[int, tuple[str, torch.Tensor]] = {}
+def _packed_buffers(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(PackedWeight buffers, other int8/uint8 buffers)`` by FQN, one name per distinct tensor."""
+    packed: dict[int, tuple[str, torch.Tensor]] = {}
+    codes: dict[int, tuple[str, torch.Tensor]] = {}
     for prefix, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, PackedWeight):
-            for name, buf in module.named_buffers(recurse=False):
-                found.setdefault(id(buf), (f"{prefix}.{name}" if prefix else name, buf))
-    return dict(found.values())
+        for name, buf in module.named_buffers(recurse=False):
+            entry = (f"{prefix}.{name}" if prefix else name, buf)
+            if isinstance(module, PackedWeight):
+                packed.setdefault(id(buf), entry)
+            elif buf.dtype in (torch.int8, torch.uint8):
+                codes.setdefault(id(buf), entry)
+    codes = {k: v for k, v in codes.items() if k not in packed}
+    return dict(packed.values()), dict(codes.values())
 
 
 def _check_packed(model: nn.Module, onnx_model) -> None:
-    """Every packed buffer is an initializer of the file with the same bytes (none went dense)."""
-    import numpy as np
+    """The packed weights reached the file as stored (none went dense).
 
-    stored = {v.const_value.tobytes() for v in onnx_model.graph.initializers.values() if v.const_value is not None}
-    for name, buf in _packed_buffers(model).items():
-        data = buf.detach().cpu().contiguous().numpy().tobytes()
-        if data not in stored:
-            raise OnnxExportError(
-                f"the packed buffer {name} ({tuple(buf.shape)}, {buf.dtype}) is not in the ONNX file as stored: the "
-                "export rewrote or materialised it (a translation or a constant fold that unpacks it)"
-            )
-    del np
+    Every ``PackedWeight`` buffer must be an initializer with the same bytes; other int8/uint8
+    buffers (codes of quantized modules written elsewhere) an initializer of the same dtype
+    and element count, since their modules may transpose them, which folding then stores.
+    """
+    values = [v.const_value for v in onnx_model.graph.initializers.values() if v.const_value is not None]
+    stored = {t.tobytes() for t in values}
+    sizes = [(t.dtype.name.lower(), math.prod(t.shape)) for t in values]
+    packed, codes = _packed_buffers(model)
+    missing = [(n, b) for n, b in packed.items() if b.detach().cpu().contiguous().numpy().tobytes() not in stored]
+    for name, buf in codes.items():
+        key = (str(buf.dtype).removeprefix("torch."), buf.numel())
+        if key in sizes:
+            sizes.remove(key)
+        else:
+            missing.append((name, buf))
+    if missing:
+        name, buf = missing[0]
+        raise OnnxExportError(
+            f"the packed buffer {name} ({tuple(buf.shape)}, {buf.dtype}) is not in the ONNX file as stored"
+            + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + ": the export rewrote or materialised it (a translation or a constant fold that unpacks it)"
+        )
 
 
 def export_onnx(

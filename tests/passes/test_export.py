@@ -11,6 +11,7 @@ from toy_models import MLP, Wrap, tiny_llama, token_batches
 import passes
 from cost_model import stored_bytes
 from passes import dequant_ops
+from passes.int8_outlier import Int8OutlierConfig, Int8OutlierLinear, Int8OutlierWeight
 from passes.quant_storage import Int8Config, IntNConfig, NF4Config, PackedWeight
 
 onnx = pytest.importorskip("onnx")
@@ -287,3 +288,17 @@ def test_cli_export(tmp_path, monkeypatch, capsys):
         torch.testing.assert_close(OnnxModule(tmp_path / "mlp.onnx")(x), restored(x))
     with pytest.raises(SystemExit, match="not found"):
         main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.onnx")])
+
+
+def test_int8_outlier_layer_matches_torch(tmp_path):
+    """LLM.int8()-style layers (quantize family's outlier option) export through MatMulInteger."""
+    g = torch.Generator().manual_seed(0)
+    config = Int8OutlierConfig()
+    buffers = config.encode(torch.randn(24, 64, generator=g), torch.tensor([3, 10]))
+    weight = Int8OutlierWeight(config, (24, 64), torch.float32, buffers)
+    model = Wrap(Int8OutlierLinear(weight, None)).eval()
+    result = export_onnx(model, (torch.randn(2, 5, 64),), tmp_path / "outlier.onnx")
+    assert result.op_types["MatMulInteger"] == 1
+    for shape in ((2, 5, 64), (3, 7, 64)):
+        x = torch.randn(shape, generator=g)
+        torch.testing.assert_close(OnnxModule(result.path)(x), model(x))
