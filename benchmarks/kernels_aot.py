@@ -43,8 +43,9 @@ def _signature(fn, pointers: dict, constexprs: dict) -> tuple[dict, dict]:
 def _compile(kernel, pointers, constexprs, config, arch):
     import triton
     from triton.backends.compiler import GPUTarget
+    from triton.runtime.autotuner import Autotuner
 
-    fn = kernel.fn
+    fn = kernel.fn.fn if isinstance(kernel.fn, Autotuner) else kernel.fn
     meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
     sig, const = _signature(fn, pointers, {**constexprs, **meta})
     src = triton.compiler.ASTSource(fn, sig, const)

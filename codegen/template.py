@@ -133,18 +133,19 @@ class Kernel:
     """A built kernel: the launchable object, its generated source and the file holding it.
 
     Attributes:
-        fn: the ``triton.autotune``-wrapped (or, untuned, plain) jitted kernel.
+        fn: the jitted kernel wrapped in ``triton.autotune`` (over every config when tuning,
+            else over the default one alone); the plain interpreted function under the interpreter.
         source: the generated Triton source (what the tests inspect).
         path: where it was written.
         configs: the meta-parameter dicts the tuner chooses from (the first is the default).
-        tuned: whether ``fn`` tunes (else callers pass ``configs[0]`` themselves).
+        wrapped: whether ``fn`` carries its configs (else launches pass ``configs[0]`` themselves).
     """
 
     fn: Any
     source: str
     path: Path
     configs: tuple[dict, ...]
-    tuned: bool
+    wrapped: bool
 
     def launch(self, grid, *args, wrap=None, **kwargs):
         """Launch with the tuner's choice, or with the default config when untuned.
@@ -153,7 +154,7 @@ class Kernel:
         records the kernel), or None for a direct launch.
         """
         fn = self.fn if wrap is None else wrap(self.fn)
-        if self.tuned:
+        if self.wrapped:
             return fn[grid](*args, **kwargs)
         return fn[grid](*args, **kwargs, **self.configs[0])
 
@@ -238,7 +239,8 @@ def build(
         The cached :class:`Kernel` for this (template, epilogue, mode).
     """
     tuned = autotuning()
-    cache_key = (template, name, epilogue, tuned, interpreting())
+    interpret = interpreting()
+    cache_key = (template, name, epilogue, tuned, interpret)
     if cache_key in _BUILT:
         return _BUILT[cache_key]
     import triton
@@ -258,12 +260,14 @@ def build(
     source = _HEADER.format(origin=origin) + body
     path = _write(source, kernel_name)
     fn = getattr(_import(path), kernel_name)
-    if tuned:
+    # On GPU the kernel always carries its configs (one when not tuning), so launches never pass
+    # num_warps/num_stages keywords, which torch.compile's tracing of user kernels would have to carry.
+    if not interpret:
         tconfigs = []
-        for c in configs:
+        for c in configs if tuned else configs[:1]:
             meta = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
             tconfigs.append(triton.Config(meta, num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 2)))
         fn = triton.autotune(configs=tconfigs, key=list(key))(fn)
-    kernel = Kernel(fn, source, path, tuple(configs), tuned)
+    kernel = Kernel(fn, source, path, tuple(configs), not interpret)
     _BUILT[cache_key] = kernel
     return kernel

@@ -9,7 +9,7 @@ import torch
 
 from codegen.template import Epilogue, interpreting
 
-__all__ = ["DOT_HELPER", "FLOAT_DTYPES", "KernelError", "aux_rows", "check_float", "dot_flags", "next_pow2", "rows_of"]
+__all__ = ["DOT_HELPER", "FLOAT_DTYPES", "KernelError", "aux_rows", "check_float", "dot_flags", "next_pow2", "rows_of", "unused_pointer"]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -67,6 +67,15 @@ def aux_rows(aux, epilogue: Epilogue, out_shape: tuple[int, ...], device, m: int
             raise KernelError(f"auxiliary tensor {i} is on {a.device}, the output on {device}")
         out.append(a.reshape(m, n).contiguous())
     return out
+
+
+def unused_pointer(like: torch.Tensor) -> torch.Tensor:
+    """A one-element tensor for a pointer argument the kernel's constexprs compile out.
+
+    Its own allocation, not an alias of another argument: torch.compile's functionalization of
+    user kernels clones what a kernel stores to, and aliased arguments would muddle that.
+    """
+    return torch.empty(1, dtype=like.dtype, device=like.device)
 
 
 def dot_flags(dtype: torch.dtype) -> dict:

@@ -45,6 +45,7 @@ from codegen.kernels.common import (
     dot_flags,
     next_pow2,
     rows_of,
+    unused_pointer,
 )
 from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
 
@@ -346,12 +347,18 @@ def quant_linear_ref(
 _CODEBOOKS: dict[torch.device, torch.Tensor] = {}
 
 
-def _codebook(device: torch.device) -> torch.Tensor:
-    if device not in _CODEBOOKS:
-        from passes.quant_formats import NF4_CODEBOOK
+def _codebook(like: torch.Tensor) -> torch.Tensor:
+    """NF4's 16 values on ``like``'s device: cached for real tensors, fresh while tracing (a fake
+    tensor must not leak into the cache, and a traced graph records it as a constant)."""
+    from torch._subclasses.fake_tensor import is_fake
 
-        _CODEBOOKS[device] = NF4_CODEBOOK.to(device=device, dtype=torch.float32)
-    return _CODEBOOKS[device]
+    from passes.quant_formats import NF4_CODEBOOK
+
+    if is_fake(like):
+        return NF4_CODEBOOK.to(device=like.device, dtype=torch.float32)
+    if like.device not in _CODEBOOKS:
+        _CODEBOOKS[like.device] = NF4_CODEBOOK.to(device=like.device, dtype=torch.float32)
+    return _CODEBOOKS[like.device]
 
 
 def _check_buffers(f: QuantFormat, codes, constants, cols: int) -> int:
@@ -414,16 +421,16 @@ def quant_linear(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.view(out_shape)
-    t = F.linear(x2, down).contiguous() if down is not None else out
+    t = F.linear(x2, down).contiguous() if down is not None else unused_pointer(x)
     consts = [c.contiguous() for c in constants]
     # kernel slots: (values or codes, blocks) per constant; unused slots get any valid pointer
-    c = consts if f.dq else [p for v in consts for p in (v, out)]
-    c = c + [out] * (4 - len(c))
-    cb = _codebook(x.device) if f.kind == 1 else out
+    c = consts if f.dq else [p for v in consts for p in (v, unused_pointer(x))]
+    c = c + [unused_pointer(x) for _ in range(4 - len(c))]
+    cb = _codebook(x) if f.kind == 1 else unused_pointer(x)
     row_bytes = codes.shape[1]
     args = (
-        x2, codes.contiguous(), *c, cb, bias if bias is not None else out, t,
-        up.contiguous() if up is not None else out, out, *auxs,
+        x2, codes.contiguous(), *c, cb, bias if bias is not None else unused_pointer(x), t,
+        up.contiguous() if up is not None else unused_pointer(x), out, *auxs,
         m, n, cols, r, row_bytes, n_groups, x2.stride(0), shape_class(m),
     )  # fmt: skip
     meta = dict(

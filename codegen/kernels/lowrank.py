@@ -26,6 +26,7 @@ from codegen.kernels.common import (
     dot_flags,
     next_pow2,
     rows_of,
+    unused_pointer,
 )
 from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
 
@@ -139,7 +140,7 @@ def lowrank_linear(x, down, up, bias=None, epilogue: str = "", aux=(), *, wrap=N
         return (-(-m // meta["BM"]), min(meta["SPLIT"], n_tiles))
 
     kernel(ep).launch(
-        grid, x2, down, up, bias if bias is not None else out, out, *auxs,
+        grid, x2, down, up, bias if bias is not None else unused_pointer(x), out, *auxs,
         m, n, k, r, x2.stride(0), shape_class(m),
         HAS_BIAS=bias is not None, R_PAD=next_pow2(max(16, r)), wrap=wrap, **dot_flags(x.dtype),
     )  # fmt: skip

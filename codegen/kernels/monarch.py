@@ -27,6 +27,7 @@ from codegen.kernels.common import (
     check_float,
     dot_flags,
     rows_of,
+    unused_pointer,
 )
 from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
 
@@ -183,7 +184,7 @@ def monarch_linear(x, L, R, out_features: int, bias=None, epilogue: str = "", au
     )  # fmt: skip
     stage2_kernel(ep).launch(
         lambda meta: (b, -(-m // meta["BM"]), -(-s // meta["BS"])),
-        g, L, bias if bias is not None else out, out, *auxs, m, out_features, s, kb, b, shape_class(m),
+        g, L, bias if bias is not None else unused_pointer(x), out, *auxs, m, out_features, s, kb, b, shape_class(m),
         HAS_BIAS=bias is not None, wrap=wrap, **flags,
     )  # fmt: skip
     return out.view(out_shape)

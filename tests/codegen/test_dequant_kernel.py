@@ -11,7 +11,13 @@ from codegen.kernels import dequant as D
 from codegen.kernels.common import KernelError
 from passes import quant_formats as qf
 from passes.lq import LQLinear
-from passes.quant_storage import Int8Config, IntNConfig, NF4Config, PackedWeight, QuantizedLinear
+from passes.quant_storage import (
+    Int8Config,
+    IntNConfig,
+    NF4Config,
+    PackedWeight,
+    QuantizedLinear,
+)
 
 FORMATS = (
     Int8Config(),
@@ -100,8 +106,11 @@ def test_bad_buffers_and_formats(device):
 
 
 @pytest.mark.parametrize("rows", [1, 37], ids=lambda m: f"m{m}")
-def test_modules_call_the_kernels_with_the_same_results(device, rows):
+def test_modules_call_the_kernels_with_the_same_results(device, rows, monkeypatch):
     """QuantizedLinear and LQLinear through ``decomp::quant_linear`` equal their eager torch code."""
+    calls = []
+    real = dispatch.quant_linear
+    monkeypatch.setattr(dispatch, "quant_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
     pw = _packed(IntNConfig(4, 32, True), 40, 96, torch.float32, device)
     bias = torch.nn.Parameter(torch.randn(40, device=device))
@@ -115,6 +124,7 @@ def test_modules_call_the_kernels_with_the_same_results(device, rows):
             with dispatch.force_kernels(True):
                 fused = module(x)
         torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2  # one per module, none on the torch path
 
 
 def test_modules_keep_torch_path_when_gradients_are_needed(device):

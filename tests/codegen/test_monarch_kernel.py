@@ -34,7 +34,7 @@ def _dense(L, R, out, inn):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_reference(device, close_to_truth, dtype, shape):
-    m, inn, out, b, k = shape
+    _, inn, out, _, _ = shape
     x, L, R, bias = _factors(*shape, dtype, device)
     y = K.monarch_linear(x, L, R, out, bias)
     ref = K.monarch_linear_ref(x, L, R, out, bias)
@@ -64,3 +64,24 @@ def test_bad_factors(device):
         K.monarch_linear(x, L[:, :, :4], R, 64, bias)
     with pytest.raises(KernelError, match="cover"):
         K.monarch_linear(x, L, R, 100, None)
+
+
+def test_module_calls_the_kernel(device, monkeypatch):
+    """``MonarchLinear`` goes through ``decomp::monarch_linear`` when kernels are on, with eager's result."""
+    monarch = pytest.importorskip("passes.monarch")
+    from torch import nn
+
+    from codegen import dispatch
+
+    calls = []
+    real = dispatch.monarch_linear
+    monkeypatch.setattr(dispatch, "monarch_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, L, R, bias = _factors(5, 70, 45, 4, 2, torch.float32, device)
+    module = monarch.MonarchLinear(nn.Parameter(L), nn.Parameter(R), nn.Parameter(bias), 45, 70)
+    with torch.no_grad():
+        with dispatch.force_kernels(False):
+            eager = module(x)
+        with dispatch.force_kernels(True):
+            fused = module(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
