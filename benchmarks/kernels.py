@@ -41,6 +41,30 @@ import torch.nn.functional as F
 
 FAILURES: list[str] = []
 START = time.time()
+BUDGET_S = [300.0]  # set by --budget-s: no new row starts past it
+
+# The benchmarked shapes (module-level so a smoke test can shrink them).
+#: (M, in, out, rank): ranks ≤ d/8; the fused kernel keeps ranks up to 256 on chip (MAX_RANK).
+LOWRANK_SHAPES = [(512, 4096, 4096, 256), (2048, 4096, 4096, 256), (4096, 4096, 4096, 128),
+                  (512, 576, 1536, 72), (2048, 1536, 576, 72), (1, 4096, 4096, 256), (1, 576, 1536, 64)]  # fmt: skip
+#: (out, in) of the batch-1 GEMVs; every format on the first, int4 on the rest.
+GEMV_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (576, 1536)]
+GEMV_FORMATS = ("int4g128", "int4g32", "int3g64", "int8", "nf4g64")
+#: (M, out, in) of the prefill GEMMs.
+GEMM_SHAPES = [(512, 4096, 4096), (512, 1536, 576)]
+#: (n, blocks) and row counts of the Monarch rows.
+MONARCH_SHAPES = [(4096, 64), (8192, 64)]
+MONARCH_ROWS = (1, 512, 4096)
+#: SmolLM2's projections per layer: name -> (out, in).
+PROXY_SHAPES = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576), "gate": (1536, 576), "up": (1536, 576), "down": (576, 1536)}
+
+
+def _late(section: str) -> bool:
+    """Past the time budget: say so (once per section) and stop starting rows."""
+    if time.time() - START <= BUDGET_S[0]:
+        return False
+    print(f"(rest of {section} skipped: past the {BUDGET_S[0]:.0f} s budget)", flush=True)
+    return True
 
 
 def _print_row(*cells) -> None:
@@ -279,7 +303,7 @@ def _bench_graph(fn, calls: int = 10, reps: int = 20) -> float:
 def _row(case, base_name, base_ms, ours_name, ours_ms, target=None, extra="") -> None:
     ratio = base_ms / ours_ms
     met = "" if target is None else ("yes" if ratio >= target else "no")
-    _print_row(case, f"{base_name} {base_ms * 1e3:.1f} µs", f"{ours_name} {ours_ms * 1e3:.1f} µs", f"{ratio:.2f}×",
+    _print_row(case, f"{base_name} {base_ms * 1e3:.1f} µs".strip(), f"{ours_name} {ours_ms * 1e3:.1f} µs".strip(), f"{ratio:.2f}×",
                f"≥ {target}×" if target else "—", met, extra)  # fmt: skip
 
 
@@ -289,9 +313,9 @@ def bench_lowrank(device, dtype):
     print("\n### Fused low-rank vs two torch matmuls (fp16)\n")
     _print_row("M × in → out, rank", "two matmuls", "fused kernel", "speedup", "target", "met", "dense F.linear")
     _print_row(*["---"] * 7)
-    # ranks ≤ d/8; the fused kernel keeps ranks up to 256 on chip (K.MAX_RANK)
-    for m, k, n, r in ((512, 4096, 4096, 256), (2048, 4096, 4096, 256), (4096, 4096, 4096, 128),
-                       (512, 576, 1536, 72), (2048, 1536, 576, 72), (1, 4096, 4096, 256), (1, 576, 1536, 64)):  # fmt: skip
+    for m, k, n, r in LOWRANK_SHAPES:
+        if _late("low-rank"):
+            break
         x = torch.randn(m, k, device=device, dtype=dtype)
         down, up = torch.randn(r, k, device=device, dtype=dtype) / k**0.5, torch.randn(n, r, device=device, dtype=dtype) / r**0.5
         bias = torch.randn(n, device=device, dtype=dtype)
@@ -309,12 +333,13 @@ def bench_dequant(device, dtype):
     print("\n### Dequant-GEMV at batch 1 vs the fp16 dense matmul\n")
     _print_row("out × in", "format", "fp16 F.linear", "kernel", "speedup", "target", "met", "weight bytes fp16/packed")
     _print_row(*["---"] * 8)
-    for n, k in ((4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (576, 1536)):
+    for i, (n, k) in enumerate(GEMV_SHAPES):
+        if _late("dequant GEMV"):
+            break
         w = torch.randn(n, k, device=device, dtype=dtype)
         x = torch.randn(1, k, device=device, dtype=dtype)
         dense = _bench(F.linear, x, w)
-        specs = ("int4g128", "int4g32", "int3g64", "int8", "nf4g64") if (n, k) == (4096, 4096) else ("int4g128", "int4g32")
-        for spec in specs:
+        for spec in GEMV_FORMATS if i == 0 else GEMV_FORMATS[:2]:
             pw, _ = _packed(_format(spec), n, k, dtype, device)
             codes, constants, fmt = _buffers(pw)
             ours = _bench(D.quant_linear, x, codes, constants, fmt, k)
@@ -324,17 +349,19 @@ def bench_dequant(device, dtype):
             met = "" if target is None else ("yes" if ratio >= target else "no")
             _print_row(f"{n} × {k}", fmt, f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{ratio:.2f}×",
                        f"≥ {target}×" if target else "—", met, f"{n * k * 2 / packed_bytes:.2f}×")  # fmt: skip
-    print("\n### Dequant-GEMM at prefill (M = 512) vs the fp16 dense matmul\n")
+    print("\n### Dequant-GEMM at prefill vs the fp16 dense matmul\n")
     _print_row("M × in → out", "format", "fp16 F.linear", "kernel", "speedup")
     _print_row(*["---"] * 5)
-    for n, k in ((4096, 4096), (1536, 576)):
+    for m, n, k in GEMM_SHAPES:
+        if _late("dequant GEMM"):
+            break
         w = torch.randn(n, k, device=device, dtype=dtype)
-        x = torch.randn(512, k, device=device, dtype=dtype)
+        x = torch.randn(m, k, device=device, dtype=dtype)
         dense = _bench(F.linear, x, w)
         pw, _ = _packed(_format("int4g128"), n, k, dtype, device)
         codes, constants, fmt = _buffers(pw)
         ours = _bench(D.quant_linear, x, codes, constants, fmt, k)
-        _print_row(f"512 × {k} → {n}", fmt, f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{dense / ours:.2f}×")
+        _print_row(f"{m} × {k} → {n}", fmt, f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{dense / ours:.2f}×")
 
 
 def bench_monarch(device, dtype):
@@ -343,11 +370,13 @@ def bench_monarch(device, dtype):
     print("\n### Monarch (two fused block-diagonal stages) vs dense\n")
     _print_row("M × n", "blocks, rank", "dense F.linear", "kernel", "speedup", "target", "met", "torch reference")
     _print_row(*["---"] * 8)
-    for n, b in ((4096, 64), (8192, 64)):
+    for n, b in MONARCH_SHAPES:
         w = torch.randn(n, n, device=device, dtype=dtype)
         p = n // b
         L, R = torch.randn(b, p, b, device=device, dtype=dtype) / b**0.5, torch.randn(b, b, p, device=device, dtype=dtype) / p**0.5
-        for m in (1, 512, 4096):
+        for m in MONARCH_ROWS:
+            if _late("Monarch"):
+                return
             x = torch.randn(m, n, device=device, dtype=dtype)
             dense = _bench(F.linear, x, w)
             ours = _bench(K.monarch_linear, x, L, R, n)
@@ -367,7 +396,7 @@ def _proxy_layers(kind, device, dtype, layers, rank=64, spec="int4g32"):
     from passes.lowrank import LowRankLinear
     from passes.quant_storage import QuantizedLinear
 
-    shapes = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576), "gate": (1536, 576), "up": (1536, 576), "down": (576, 1536)}
+    shapes = PROXY_SHAPES
     out = []
     for i in range(layers):
         mods = {}
@@ -409,23 +438,26 @@ def _proxy_step(layers, fused: bool):
     return step
 
 
-def bench_decode_proxy(device, dtype, n_layers):
+def bench_decode_proxy(device, dtype, n_layers, kernel_variants: bool | None = None):
     from codegen import dispatch
 
     cuda = device == "cuda"
+    kernel_variants = cuda if kernel_variants is None else kernel_variants
     print(f"\n### Decode proxy: {n_layers} SmolLM2-shaped layers of projections, batch 1 ({'CUDA' if cuda else 'CPU reference paths'})\n")
     cols = ["variant", "eager ms/token", "tokens/s"] + (["CUDA graph ms/token", "tokens/s (graph)"] if cuda else []) + ["weight MB"]
     _print_row(*cols)
     _print_row(*["---"] * len(cols))
-    x = torch.randn(1, 576, device=device, dtype=dtype)
+    x = torch.randn(1, PROXY_SHAPES["q"][1], device=device, dtype=dtype)
     variants = [("dense fp16" if cuda else "dense fp32", "dense", False, None)]
-    if cuda:
+    if kernel_variants:
         variants += [("int4 g32, dequant kernel", "int4", False, True), ("int4 g32, kernel + fused epilogues", "int4", True, True),
                      ("int4 g32, torch dequant path", "int4", False, False), ("low-rank r=64, fused kernel", "lowrank", False, True),
                      ("low-rank r=64, two torch matmuls", "lowrank", False, False)]  # fmt: skip
     else:
         variants += [("int4 g32, torch dequant path", "int4", False, False), ("low-rank r=64, two matmuls", "lowrank", False, False)]
     for label, kind, fused, kernels in variants:
+        if _late("decode proxy"):
+            break
         layers = _proxy_layers(kind, device, dtype, n_layers)
         mb = sum(t.numel() * t.element_size() for m in layers for t in list(m.parameters()) + list(m.buffers())) / 2**20
         step = _proxy_step(layers, fused)
@@ -516,8 +548,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="correctness only (CUDA)")
     parser.add_argument("--e2e", action="store_true", help="also SmolLM2 end-to-end decode (needs the model packages)")
-    parser.add_argument("--budget-s", type=float, default=300.0, help="skip remaining sections past this many seconds")
+    parser.add_argument("--budget-s", type=float, default=270.0, help="start no section or row past this many seconds")
     args = parser.parse_args(argv)
+    BUDGET_S[0] = args.budget_s
 
     cuda = torch.cuda.is_available()
     import importlib.util
@@ -548,11 +581,10 @@ def main(argv=None) -> int:
 
     os.environ["DECOMP_AUTOTUNE"] = "1"
     print(f"\n## Speed on {card} (fp16; do_bench medians, L2 flushed between calls)")
-    sections = [("lowrank", bench_lowrank), ("dequant", bench_dequant), ("monarch", bench_monarch),
+    sections = [("dequant", bench_dequant), ("lowrank", bench_lowrank), ("monarch", bench_monarch),
                 ("decode proxy", lambda d, t: bench_decode_proxy(d, t, 30))]  # fmt: skip
     for name, fn in sections:
-        if time.time() - START > args.budget_s:
-            print(f"\nskipped {name}: past the {args.budget_s:.0f} s budget")
+        if _late(name):
             continue
         _guard(name, fn, "cuda", torch.float16)
     if args.e2e:

@@ -1,0 +1,39 @@
+"""benchmarks/kernels.py runs end to end (tiny shapes, kernels in the interpreter on CPU), so the
+one GPU run it is written for does not fail on a typo."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_sections_run_at_tiny_sizes(device, capsys):
+    bench = _load()
+    bench.LOWRANK_SHAPES = [(3, 40, 24, 8), (1, 24, 40, 4)]
+    bench.GEMV_SHAPES = [(24, 64)]
+    bench.GEMV_FORMATS = ("int4g32", "int8")
+    bench.GEMM_SHAPES = [(20, 24, 64)]
+    bench.MONARCH_SHAPES = [(64, 8)]
+    bench.MONARCH_ROWS = (1, 17)
+    bench.PROXY_SHAPES = {"q": (32, 32), "k": (16, 32), "v": (16, 32), "o": (32, 32), "gate": (64, 32), "up": (64, 32), "down": (32, 64)}
+    dtype = torch.float32
+    bench.bench_lowrank(device, dtype)
+    bench.bench_dequant(device, dtype)
+    bench.bench_monarch(device, dtype)
+    bench.bench_decode_proxy(device, dtype, 2, kernel_variants=True)
+    out = capsys.readouterr().out
+    assert bench.FAILURES == []
+    for heading in ("Fused low-rank", "Dequant-GEMV", "Dequant-GEMM", "Monarch", "Decode proxy"):
+        assert heading in out
+    assert "kernel + fused epilogues" in out and out.count("×") > 8
