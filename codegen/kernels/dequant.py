@@ -292,6 +292,7 @@ GEMV_CONFIGS = (
     {"BN": 16, "BK": 128, "num_warps": 4, "num_stages": 2},
     {"BN": 32, "BK": 128, "num_warps": 4, "num_stages": 2},
     {"BN": 8, "BK": 256, "num_warps": 4, "num_stages": 2},
+    {"BN": 16, "BK": 256, "num_warps": 4, "num_stages": 3},
     {"BN": 64, "BK": 128, "num_warps": 8, "num_stages": 2},
 )
 GEMM_CONFIGS = (
