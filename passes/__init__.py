@@ -19,9 +19,13 @@ from passes.lq import LQConfig
 from passes.quant_storage import Int8Config, IntNConfig, NF4Config
 from passes.gptq import GPTQConfig
 from passes.int8_outlier import Int8OutlierConfig
+from passes.monarch import MonarchConfig
+from passes.kronecker import KroneckerConfig
+from passes.blockdiag import BlockDiagConfig
 from passes.pipeline import DEFAULT_TRANSFORMS, RewriteError, apply, load, optimize, save
 from passes.export import OnnxExportError, export_onnx
 from passes.plan import Plan
+from passes.reparametrize import reparametrize
 from passes.report import Report
 from passes.transform import TRANSFORMS
 
@@ -43,6 +47,10 @@ __all__ = [
     "GPTQConfig",
     "Int8OutlierConfig",
     "LQConfig",
+    "MonarchConfig",
+    "KroneckerConfig",
+    "BlockDiagConfig",
+    "reparametrize",
     "DEFAULT_TRANSFORMS",
     "TRANSFORMS",
     "RewriteError",

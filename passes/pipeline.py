@@ -33,6 +33,9 @@ from passes import lowrank as _lowrank  # noqa: F401  (registers the "lowrank" t
 from passes import quantize as _quantize  # noqa: F401
 from passes import lq as _lq  # noqa: F401
 from passes import gptq as _gptq  # noqa: F401
+from passes import monarch as _monarch  # noqa: F401
+from passes import kronecker as _kronecker  # noqa: F401
+from passes import blockdiag as _blockdiag  # noqa: F401
 from passes.config import KeepConfig
 from passes.plan import Plan
 from passes.report import Report, SiteReport
@@ -214,6 +217,7 @@ def optimize(
             for s in sites
         ],
         skipped=[(p.name, p.reason) for p in skipped],
+        excluded=list(ws.excluded),
         bytes_before=bytes_before,
         bytes_after=stored_bytes(optimized),
         target_bytes=target_bytes,

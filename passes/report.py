@@ -43,6 +43,8 @@ class Report:
     latency: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: (site, transform, reason) for sites a requested transform could not take.
+    excluded: list[tuple[str, str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,6 +54,7 @@ class Report:
         data = dict(data)
         data["sites"] = [SiteReport(**{**s, "shape": tuple(s["shape"])}) for s in data["sites"]]
         data["skipped"] = [tuple(x) for x in data["skipped"]]
+        data["excluded"] = [tuple(x) for x in data.get("excluded", [])]
         return cls(**data)
 
     def groups(self) -> list[dict[str, Any]]:
@@ -108,6 +111,15 @@ class Report:
             lines += [f"  {name}: {reason}" for name, reason in self.skipped[:20]]
             if len(self.skipped) > 20:
                 lines.append(f"  ... and {len(self.skipped) - 20} more")
+        if self.excluded:
+            by_reason: dict[tuple[str, str], list[str]] = {}
+            for site, transform, reason in self.excluded:
+                by_reason.setdefault((transform, reason), []).append(site)
+            lines.append("")
+            lines.append(f"no options from a requested transform ({len(self.excluded)} site-transform pairs):")
+            for (transform, reason), names in by_reason.items():
+                more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+                lines.append(f"  {transform}: {', '.join(names[:3])}{more}: {reason}")
         if self.metrics:
             lines.append("")
             for metric, values in self.metrics.items():

@@ -58,11 +58,14 @@ class Workspace:
         cache: per-transform scratch (e.g. a site's SVD, computed once for all ranks).
         materialize: when False, rewrites allocate factors of the right shapes without
             computing them (restoring a saved model whose values come from a file).
+        excluded: ``(site, transform, reason)`` for every site a transform offered nothing
+            for because it cannot take it (shape, kind of use); shown in the report.
     """
 
     stats: dict[str, SiteStats] | None = None
     cache: dict[Any, Any] = field(default_factory=dict)
     materialize: bool = True
+    excluded: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 class Transform(abc.ABC):
