@@ -23,8 +23,10 @@ the factors are refined by alternating exact least squares on the full C, starti
 Frobenius optimum: for fixed B the problem in A separates over the rows i1 of A with one
 shared (r·a_in)² normal matrix ``H_A = Σ_{i2} (B_{·,i2,·} ⊗ I) C (…)ᵀ``, and symmetrically for
 B. Each step is an exact minimiser, so the error never increases; a step costs ~r²·in²
-multiply-adds, so the sweeps stop at :data:`ALS_MACS` per option. The priced error is the exact
-``tr(ΔCΔᵀ)`` of the factors produced.
+multiply-adds, so the sweeps stop at :data:`ALS_MACS` per option, after :data:`MAX_SWEEPS`, or at
+the first sweep gaining less than :data:`SWEEP_TOL`. The result is a local optimum (on tiny
+random cases a many-start gradient search sometimes does better, ``benchmarks/structured.py``).
+The priced error is the exact ``tr(ΔCΔᵀ)`` of the factors produced.
 """
 
 from __future__ import annotations
@@ -58,8 +60,10 @@ __all__ = [
     "project_kronecker",
 ]
 
-#: Alternating least-squares sweeps (an A step and a B step each) at most per option.
-SWEEPS = 3
+#: Alternating least-squares sweeps (an A step and a B step each) at most per option, ...
+MAX_SWEEPS = 30
+#: ... stopping at the first sweep that lowers the error by less than this fraction, ...
+SWEEP_TOL = 0.01
 #: ... and only as many as fit in this many multiply-adds (a step costs ~r²·in²).
 ALS_MACS = 1 << 31
 #: Options storing more than this fraction of the dense weight are not offered.
@@ -259,8 +263,8 @@ def _weighted(problem: Problem, config: KroneckerConfig, ranks: list[int]) -> di
     for r in ranks:
         a, b, _ = start[r]
         step_macs = r * r * als.a_in * als.b_in * (als.a_in * als.b_in)
-        steps = min(2 * SWEEPS, max(1, ALS_MACS // max(step_macs, 1)))
-        best = None
+        steps = min(2 * MAX_SWEEPS, max(1, ALS_MACS // max(step_macs, 1)))
+        best, last_sweep = None, math.inf
         for step in range(steps):
             if step % 2 == 0:
                 a, err = als.a_step(b)
@@ -268,6 +272,10 @@ def _weighted(problem: Problem, config: KroneckerConfig, ranks: list[int]) -> di
                 b, err = als.b_step(a)
             if best is None or err < best[2]:
                 best = (a, b, err)
+            if step % 2 == 1:
+                if last_sweep - best[2] < SWEEP_TOL * best[2]:
+                    break
+                last_sweep = best[2]
         if als.a_out * als.b_out != problem.shape[0]:
             # Padded output rows were fitted (to zeros) too: price the real rows exactly.
             best = (best[0], best[1], problem.squared_error(kronecker_dense(best[0], best[1], *problem.shape)))
