@@ -17,6 +17,7 @@ a serving stack would run it). Every row names the card it ran on.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -221,6 +222,18 @@ def _swiglu_block(d, hidden, device, dtype, rank=None, spec="int4g32"):
     return Block().to(device=device, dtype=dtype).eval()
 
 
+def _ensure_backend() -> None:
+    """Register ``backend="decomp"`` when the package's entry point is absent (repo not pip-installed)."""
+    from torch._dynamo.backends.registry import lookup_backend, register_backend
+
+    try:
+        lookup_backend("decomp")
+    except Exception:  # noqa: BLE001 — InvalidBackend: no entry point in this environment
+        from passes.backend import decomp_backend
+
+        register_backend(compiler_fn=decomp_backend, name="decomp")
+
+
 def check_modules_and_compile(device, blocks=("int4g32", "lowrank r64")):
     """The module hooks on CUDA, and torch.compile(backend="decomp") with epilogue fusion, vs eager torch."""
     import copy
@@ -242,6 +255,7 @@ def check_modules_and_compile(device, blocks=("int4g32", "lowrank r64")):
             real = codegen.fusion.fuse_epilogues
             codegen.fusion.fuse_epilogues = lambda gm, _r=real, _out=reports: _out.append(_r(gm)) or _out[-1]
             try:
+                _ensure_backend()
                 t = time.time()
                 compiled = torch.compile(block, backend="decomp")(x)
                 seconds = time.time() - t
@@ -331,8 +345,8 @@ def bench_dequant(device, dtype):
     from codegen.kernels import dequant as D
 
     print("\n### Dequant-GEMV at batch 1 vs the fp16 dense matmul\n")
-    _print_row("out × in", "format", "fp16 F.linear", "kernel", "speedup", "target", "met", "weight bytes fp16/packed")
-    _print_row(*["---"] * 8)
+    _print_row("out × in", "format", "fp16 F.linear", "kernel", "speedup", "target", "met", "weight bytes fp16/packed", "v1 kernel")
+    _print_row(*["---"] * 9)
     for i, (n, k) in enumerate(GEMV_SHAPES):
         if _late("dequant GEMV"):
             break
@@ -343,15 +357,16 @@ def bench_dequant(device, dtype):
             pw, _ = _packed(_format(spec), n, k, dtype, device)
             codes, constants, fmt = _buffers(pw)
             ours = _bench(D.quant_linear, x, codes, constants, fmt, k)
+            v1 = _bench(functools.partial(D.quant_linear, variant="v1"), x, codes, constants, fmt, k)
             packed_bytes = sum(t.numel() * t.element_size() for t in pw.buffers())
             ratio = dense / ours
             target = 2.5 if spec.startswith("int4") and n * k >= 4096 * 4096 else None
             met = "" if target is None else ("yes" if ratio >= target else "no")
             _print_row(f"{n} × {k}", fmt, f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{ratio:.2f}×",
-                       f"≥ {target}×" if target else "—", met, f"{n * k * 2 / packed_bytes:.2f}×")  # fmt: skip
+                       f"≥ {target}×" if target else "—", met, f"{n * k * 2 / packed_bytes:.2f}×", f"{v1 * 1e3:.1f} µs")  # fmt: skip
     print("\n### Dequant-GEMM at prefill vs the fp16 dense matmul\n")
-    _print_row("M × in → out", "format", "fp16 F.linear", "kernel", "speedup")
-    _print_row(*["---"] * 5)
+    _print_row("M × in → out", "format", "fp16 F.linear", "kernel", "speedup", "v1 kernel")
+    _print_row(*["---"] * 6)
     for m, n, k in GEMM_SHAPES:
         if _late("dequant GEMM"):
             break
@@ -361,7 +376,8 @@ def bench_dequant(device, dtype):
         pw, _ = _packed(_format("int4g128"), n, k, dtype, device)
         codes, constants, fmt = _buffers(pw)
         ours = _bench(D.quant_linear, x, codes, constants, fmt, k)
-        _print_row(f"{m} × {k} → {n}", fmt, f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{dense / ours:.2f}×")
+        v1 = _bench(functools.partial(D.quant_linear, variant="v1"), x, codes, constants, fmt, k)
+        _print_row(f"{m} × {k} → {n}", fmt, f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{dense / ours:.2f}×", f"{v1 * 1e3:.1f} µs")
 
 
 def bench_monarch(device, dtype):

@@ -58,6 +58,11 @@ def use_kernels(x: torch.Tensor, *params: torch.Tensor) -> bool:
     return _ENABLED and _TRITON and x.is_cuda
 
 
+def _direct(x: torch.Tensor) -> bool:
+    """Eager call on a real CUDA tensor (not traced, not compiling): launch without the op layer."""
+    return type(x) is torch.Tensor and x.is_cuda and not torch.compiler.is_compiling()
+
+
 def _ops():
     import codegen.ops  # noqa: F401  (registers torch.ops.decomp.*)
 
@@ -75,6 +80,11 @@ def quant_linear(x, packed, bias=None, down=None, up=None, epilogue: str = "", a
 
     fmt = QuantFormat.of(packed.config)
     constants = [getattr(packed, n) for n in fmt.constant_names()]
+    if _direct(x):  # eager CUDA: the op's own body, without the dispatcher's per-call cost
+        from codegen.kernels import dequant
+
+        if down is None or dequant.next_pow2(max(16, down.shape[0])) <= dequant.MAX_RANK:
+            return dequant.quant_linear(x, packed.codes, constants, fmt.spec, packed.shape[1], bias, down, up, epilogue, aux)
     return _ops().quant_linear(x, packed.codes, constants, fmt.spec, packed.shape[1], bias, down, up, epilogue, list(aux))
 
 

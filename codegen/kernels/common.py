@@ -9,7 +9,7 @@ import torch
 
 from codegen.template import Epilogue, interpreting
 
-__all__ = ["DOT_HELPER", "FLOAT_DTYPES", "KernelError", "aux_rows", "check_float", "dot_flags", "next_pow2", "rows_of", "unused_pointer"]
+__all__ = ["DOT_HELPER", "FLOAT_DTYPES", "KernelError", "aux_rows", "check_float", "dot_flags", "next_pow2", "parse_epilogue", "rows_of", "unused_pointer"]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -69,13 +69,35 @@ def aux_rows(aux, epilogue: Epilogue, out_shape: tuple[int, ...], device, m: int
     return out
 
 
-def unused_pointer(like: torch.Tensor) -> torch.Tensor:
+_SHARED_UNUSED: dict[tuple, torch.Tensor] = {}
+
+
+def unused_pointer(like: torch.Tensor, shared: bool = False) -> torch.Tensor:
     """A one-element tensor for a pointer argument the kernel's constexprs compile out.
 
     Its own allocation, not an alias of another argument: torch.compile's functionalization of
     user kernels clones what a kernel stores to, and aliased arguments would muddle that.
+    ``shared`` (eager launches with real tensors only): one cached tensor per device and dtype,
+    which saves an allocation per slot and launch (kernels never read or write it).
     """
+    if shared and type(like) is torch.Tensor:
+        key = (like.device, like.dtype)
+        t = _SHARED_UNUSED.get(key)
+        if t is None:
+            t = _SHARED_UNUSED[key] = torch.empty(1, dtype=like.dtype, device=like.device)
+        return t
     return torch.empty(1, dtype=like.dtype, device=like.device)
+
+
+_EPILOGUES: dict[str, Epilogue] = {}
+
+
+def parse_epilogue(spec: str) -> Epilogue:
+    """:meth:`Epilogue.parse`, cached (it runs on every launch)."""
+    ep = _EPILOGUES.get(spec)
+    if ep is None:
+        ep = _EPILOGUES[spec] = Epilogue.parse(spec)
+    return ep
 
 
 def dot_flags(dtype: torch.dtype) -> dict:

@@ -31,6 +31,7 @@ never go through global memory.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ from codegen.kernels.common import (
     check_float,
     dot_flags,
     next_pow2,
+    parse_epilogue,
     rows_of,
     unused_pointer,
 )
@@ -68,6 +70,8 @@ MAX_RANK = 256
 
 CONSTANT_BLOCK = 256  # passes.quant_formats.CONSTANT_BLOCK (checked in the tests)
 
+_PARSED: dict = {}  # spec -> QuantFormat (parsing is on every launch's path)
+
 _FMT = re.compile(r"^(?:(int8)|int([234])g(32|64|128)|nf4g(32|64|128))(dq)?$")
 
 
@@ -89,6 +93,13 @@ class QuantFormat:
 
     @classmethod
     def parse(cls, fmt: str) -> QuantFormat:
+        f = _PARSED.get(fmt)
+        if f is None:
+            f = _PARSED[fmt] = cls._parse(fmt)
+        return f
+
+    @classmethod
+    def _parse(cls, fmt: str) -> QuantFormat:
         m = _FMT.match(fmt)
         if m is None:
             raise KernelError(f"unknown quantized format {fmt!r}; expected int8, int{{2,3,4}}g{{32,64,128}} or nf4g{{32,64,128}}, optionally + 'dq'")
@@ -162,19 +173,22 @@ def _weight_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_ma
 
 
 @triton.jit
-def _packed_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
-                 KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr,
-                 BN: tl.constexpr, BK: tl.constexpr):
-    """``_weight_tile`` of the packed group formats (intN, NF4)."""
+def _codes(codes_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
+           BITS: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """The int32 ``(BN, BK)`` codes of rows ``offs_n``, columns ``k0 … k0 + BK`` (packed formats)."""
     # packed codes: BK·BITS/8 contiguous bytes per row; words past the stored (padded) row are masked
-    base = codes_ptr + offs_n[:, None] * row_bytes + (k0 * BITS) // 8
+    # (masks on the byte index, which is contiguous along the tile, so the loads stay 16-byte vectors)
+    kb = (k0 * BITS) // 8
+    base = codes_ptr + offs_n[:, None] * row_bytes + kb
     if BITS == 4:
         j = tl.arange(0, BK // 2)
-        b = tl.load(base + j[None, :], mask=n_mask[:, None] & ((k0 + 2 * j) < n_groups * GROUP)[None, :], other=0).to(tl.int32)
+        b = tl.load(base + j[None, :], mask=n_mask[:, None] & ((kb + j) < row_bytes)[None, :], other=0,
+                    eviction_policy="evict_first").to(tl.int32)
         q = tl.join(b & 15, b >> 4)
     elif BITS == 2:
         j = tl.arange(0, BK // 4)
-        b = tl.load(base + j[None, :], mask=n_mask[:, None] & ((k0 + 4 * j) < n_groups * GROUP)[None, :], other=0).to(tl.int32)
+        b = tl.load(base + j[None, :], mask=n_mask[:, None] & ((kb + j) < row_bytes)[None, :], other=0,
+                    eviction_policy="evict_first").to(tl.int32)
         q = tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6))
     else:
         # int3: eight codes per little-endian 3-byte word
@@ -186,7 +200,16 @@ def _packed_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_ma
         even = tl.join(tl.join(word & 7, (word >> 12) & 7), tl.join((word >> 6) & 7, (word >> 18) & 7))
         odd = tl.join(tl.join((word >> 3) & 7, (word >> 15) & 7), tl.join((word >> 9) & 7, (word >> 21) & 7))
         q = tl.join(even, odd)
-    q = tl.reshape(q, (BN, BK // GROUP, GROUP))
+    return tl.reshape(q, (BN, BK))
+
+
+@triton.jit
+def _packed_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
+                 KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr):
+    """``_weight_tile`` of the packed group formats (intN, NF4)."""
+    q = tl.reshape(_codes(codes_ptr, offs_n, n_mask, k0, row_bytes, n_groups, BITS, GROUP, BN, BK),
+                   (BN, BK // GROUP, GROUP))
     g = k0 // GROUP + tl.arange(0, BK // GROUP)
     idx = offs_n[:, None] * n_groups + g[None, :]
     cmask = n_mask[:, None] & (g < n_groups)[None, :]
@@ -222,15 +245,37 @@ def ${KERNEL}('''
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_mask = offs_n < N
 
-    # w ⊙ x accumulated in fp32 over K, reduced once
-    part = tl.zeros((BN, BK), dtype=tl.float32)
+    # Per (row, group) partial sums Σ q·x, scaled once per group: y = Σ_g s_g·Σ q·x + min_g·Σ x
+    # (NF4: absmax_g·Σ codebook[q]·x; int8: one scale per row at the end). Few FMAs per code, and
+    # the fp32 partials are a (BN, BK/GROUP) tile, so many programs fit on an SM.
+    if KIND == 2:
+        part = tl.zeros((BN, BK), dtype=tl.float32)
+    else:
+        part = tl.zeros((BN, BK // GROUP), dtype=tl.float32)
     for k0 in range(0, K, BK):
         offs_k = k0 + tl.arange(0, BK)
         xk = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        w = _weight_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
-                         KIND, BITS, GROUP, DQ, BN, BK)
-        part += w * xk[None, :]
+        if KIND == 2:
+            q = tl.load(codes_ptr + offs_n[:, None] * row_bytes + offs_k[None, :],
+                        mask=n_mask[:, None] & (offs_k < row_bytes)[None, :], other=0, eviction_policy="evict_first")
+            part += q.to(tl.float32) * xk[None, :]
+        else:
+            q = tl.reshape(_codes(codes_ptr, offs_n, n_mask, k0, row_bytes, n_groups, BITS, GROUP, BN, BK),
+                           (BN, BK // GROUP, GROUP))
+            x3 = tl.reshape(xk, (BK // GROUP, GROUP))
+            g = k0 // GROUP + tl.arange(0, BK // GROUP)
+            idx = offs_n[:, None] * n_groups + g[None, :]
+            cmask = n_mask[:, None] & (g < n_groups)[None, :]
+            if KIND == 0:
+                s = _constant(c0_ptr, c1_ptr, idx, cmask, DQ)
+                mn = _constant(c2_ptr, c3_ptr, idx, cmask, DQ)
+                part += tl.sum(q.to(tl.float32) * x3[None, :, :], axis=2) * s + mn * tl.sum(x3, axis=1)[None, :]
+            else:
+                a = _constant(c0_ptr, c1_ptr, idx, cmask, DQ)
+                part += tl.sum(tl.load(cb_ptr + q) * x3[None, :, :], axis=2) * a
     acc = tl.sum(part, axis=1)
+    if KIND == 2:
+        acc = acc * tl.load(c0_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
 
     # low-rank term t·upᵀ (t = x·downᵀ computed before the launch)
     if HAS_LR:
@@ -288,18 +333,26 @@ def ${KERNEL}('''
 '''
 )
 
+#: GEMV tuning space (the first is the untuned default). Batch-1 decode reads each weight byte once,
+#: so the tiles are sized for memory-level parallelism: 2–4 KB of int4 codes per program and
+#: iteration (16–32 contiguous bytes per thread), few rows per program so that a 4096-row weight
+#: gives 256–1024 programs (2–8 per SM on 132 SMs) with short K loops.
 GEMV_CONFIGS = (
-    {"BN": 16, "BK": 128, "num_warps": 4, "num_stages": 2},
-    {"BN": 32, "BK": 128, "num_warps": 4, "num_stages": 2},
-    {"BN": 8, "BK": 256, "num_warps": 4, "num_stages": 2},
-    {"BN": 16, "BK": 256, "num_warps": 4, "num_stages": 3},
-    {"BN": 64, "BK": 128, "num_warps": 8, "num_stages": 2},
+    {"BN": 8, "BK": 512, "num_warps": 4, "num_stages": 3},
+    {"BN": 4, "BK": 1024, "num_warps": 4, "num_stages": 3},
+    {"BN": 16, "BK": 512, "num_warps": 4, "num_stages": 2},
+    {"BN": 8, "BK": 1024, "num_warps": 8, "num_stages": 2},
+    {"BN": 16, "BK": 256, "num_warps": 4, "num_stages": 4},
+    {"BN": 32, "BK": 256, "num_warps": 8, "num_stages": 2},
 )
+#: GEMM tuning space: tensor-core tiles up to 128×128 (BK = 128, a multiple of every group size).
 GEMM_CONFIGS = (
-    {"BM": 32, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3},
     {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3},
-    {"BM": 128, "BN": 64, "BK": 128, "num_warps": 8, "num_stages": 3},
+    {"BM": 128, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 3},
     {"BM": 64, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 3},
+    {"BM": 128, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 4},
+    {"BM": 32, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 4},
+    {"BM": 16, "BN": 128, "BK": 128, "num_warps": 4, "num_stages": 4},
 )
 _KEY = ("M_CLASS", "N", "K", "R")
 
@@ -383,7 +436,8 @@ def _check_buffers(f: QuantFormat, codes, constants, cols: int) -> int:
 
 
 def quant_linear(
-    x, codes, constants, fmt: str, cols: int, bias=None, down=None, up=None, epilogue: str = "", aux=(), *, wrap=None
+    x, codes, constants, fmt: str, cols: int, bias=None, down=None, up=None, epilogue: str = "", aux=(), *, wrap=None,
+    variant: str = "v2",
 ) -> torch.Tensor:
     """Launch the dequant GEMV (``M ≤ GEMV_MAX_M``) or GEMM kernel.
 
@@ -395,9 +449,13 @@ def quant_linear(
         cols: the weight's (unpadded) input size.
         bias: ``(out,)`` or None. down, up: the optional low-rank term, ``(r, cols)`` and ``(out, r)``.
         epilogue, aux: the fused epilogue and its auxiliary tensors (output-shaped).
-        wrap: ``torch.library.wrap_triton`` inside a ``triton_op``.
+        wrap: ``torch.library.wrap_triton`` inside a ``triton_op`` (used while tracing; real
+            tensors launch directly).
+        variant: ``"v2"`` (the kernels here) or ``"v1"`` (the first version, kept for the
+            benchmark's side-by-side column; :mod:`codegen.kernels.dequant_v1`).
     """
     f = QuantFormat.parse(fmt)
+    eager = type(x) is torch.Tensor  # a real tensor: not traced (fake/functional tensors are subclasses)
     n_groups = _check_buffers(f, codes, constants, cols)
     n = codes.shape[0]
     check_float("x", x)
@@ -414,7 +472,7 @@ def quant_linear(
         check_float("up", up, x.dtype, x.device)
         if next_pow2(max(16, r)) > MAX_RANK:
             raise KernelError(f"rank {r} exceeds the fused limit {MAX_RANK}; use quant_linear_ref")
-    ep = Epilogue.parse(epilogue)
+    ep = parse_epilogue(epilogue)
     x2 = rows_of(x, cols)
     m = x2.shape[0]
     out_shape = (*x.shape[:-1], n)
@@ -422,25 +480,46 @@ def quant_linear(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.view(out_shape)
-    t = F.linear(x2, down).contiguous() if down is not None else unused_pointer(x)
-    consts = [c.contiguous() for c in constants]
+    t = F.linear(x2, down).contiguous() if down is not None else unused_pointer(x, eager)
+    consts = [c if c.is_contiguous() else c.contiguous() for c in constants]
     # kernel slots: (values or codes, blocks) per constant; unused slots get any valid pointer
-    c = consts if f.dq else [p for v in consts for p in (v, unused_pointer(x))]
-    c = c + [unused_pointer(x) for _ in range(4 - len(c))]
-    cb = _codebook(x) if f.kind == 1 else unused_pointer(x)
+    c = consts if f.dq else [p for v in consts for p in (v, unused_pointer(x, eager))]
+    c = c + [unused_pointer(x, eager) for _ in range(4 - len(c))]
+    cb = _codebook(x) if f.kind == 1 else unused_pointer(x, eager)
     row_bytes = codes.shape[1]
     args = (
-        x2, codes.contiguous(), *c, cb, bias if bias is not None else unused_pointer(x), t,
-        up.contiguous() if up is not None else unused_pointer(x), out, *auxs,
+        x2, codes if codes.is_contiguous() else codes.contiguous(), *c, cb, bias if bias is not None else unused_pointer(x, eager), t,
+        up.contiguous() if up is not None else unused_pointer(x, eager), out, *auxs,
         m, n, cols, r, row_bytes, n_groups, x2.stride(0), shape_class(m),
     )  # fmt: skip
     meta = dict(
         KIND=f.kind, BITS=f.bits, GROUP=max(f.group, 1), DQ=f.dq, HAS_BIAS=bias is not None,
         HAS_LR=down is not None, R_PAD=next_pow2(max(16, r)), **dot_flags(x.dtype),
     )  # fmt: skip
-    if m <= GEMV_MAX_M:
-        gemv_kernel(ep).launch(lambda meta: (-(-n // meta["BN"]), m), *args, wrap=wrap, **meta)
+    gemv = m <= GEMV_MAX_M
+    kernel = _kernel(gemv, ep, variant)
+    if gemv:
+        grid = lambda meta: (-(-n // meta["BN"]), m)
     else:
         grid = lambda meta: (-(-m // meta["BM"]), -(-n // meta["BN"]))
-        gemm_kernel(ep).launch(grid, *args, wrap=wrap, **meta)
+    # a direct launch in eager mode (wrap_triton only matters while tracing)
+    kernel.launch(grid, *args, wrap=None if eager else wrap, **meta)
     return out.view(out_shape)
+
+
+_KERNELS: dict[tuple, object] = {}
+
+
+def _kernel(gemv: bool, ep: Epilogue, variant: str):
+    """The built kernel, cached per (path, epilogue, variant, tuning switch): no rebuild lookups per launch."""
+    key = (gemv, ep, variant, os.environ.get("DECOMP_AUTOTUNE", "1"))
+    k = _KERNELS.get(key)
+    if k is None:
+        if variant == "v1":
+            from codegen.kernels import dequant_v1
+
+            k = (dequant_v1.gemv_kernel if gemv else dequant_v1.gemm_kernel)(ep)
+        else:
+            k = (gemv_kernel if gemv else gemm_kernel)(ep)
+        _KERNELS[key] = k
+    return k
