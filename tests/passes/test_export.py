@@ -11,7 +11,10 @@ from toy_models import MLP, Wrap, tiny_llama, token_batches
 import passes
 from cost_model import stored_bytes
 from passes import dequant_ops
+from passes.blockdiag import BlockDiagConfig
 from passes.int8_outlier import Int8OutlierConfig, Int8OutlierLinear, Int8OutlierWeight
+from passes.kronecker import KroneckerConfig
+from passes.monarch import MonarchConfig
 from passes.quant_storage import Int8Config, IntNConfig, NF4Config, PackedWeight
 
 onnx = pytest.importorskip("onnx")
@@ -121,6 +124,10 @@ TRANSFORMS = {
     "nf4": NF4Config(64),
     "double-quant constants": IntNConfig(4, 32, double_quant=True),
     "lq": _lq(),
+    # the structured families (opt-in) are plain matmuls and reshapes: no translation needed
+    "monarch": MonarchConfig(4, 2, activation_aware=False),
+    "kronecker": KroneckerConfig(4, 4, 2, activation_aware=False),
+    "blockdiag": BlockDiagConfig(2, activation_aware=False),
 }
 
 
@@ -147,9 +154,9 @@ def test_every_transform_runs_in_onnx_runtime(tmp_path):
             for name, out, ref in zip(TRANSFORMS, onnx_model(x), opt(x)):
                 torch.testing.assert_close(out, ref, msg=lambda m, name=name: f"{name}: {m}")
     ops = _ops(result.path)
-    # matmuls: lowrank 2, lq 3, the other 7 layers 1; DequantizeLinear: int8, four intN, lq's
-    # int4, the double-quantized layer's codes and its two constants
-    assert ops["matmul"] == 2 + 3 + 7 and ops["DequantizeLinear"] == 1 + 4 + 1 + 3 and ops["Gather"] >= 1
+    # matmuls: lowrank 2, lq 3, the other 7 quantized layers 1, monarch and kronecker 2, blockdiag 1;
+    # DequantizeLinear: int8, four intN, lq's int4, the double-quantized layer's codes and constants
+    assert ops["matmul"] == 2 + 3 + 7 + 5 and ops["DequantizeLinear"] == 1 + 4 + 1 + 3 and ops["Gather"] >= 1
     assert result.file_bytes <= 1.1 * stored_bytes(opt) + GRAPH_BYTES
     floats = [i for i in onnx.load(str(result.path)).graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
     dense = [i.name for i in floats if sorted(i.dims) == [48, 96]]
