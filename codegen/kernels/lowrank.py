@@ -25,6 +25,7 @@ from codegen.kernels.common import (
     check_float,
     dot_flags,
     next_pow2,
+    parse_epilogue,
     rows_of,
     unused_pointer,
 )
@@ -125,7 +126,8 @@ def lowrank_linear(x, down, up, bias=None, epilogue: str = "", aux=(), *, wrap=N
         check_float(name, t, x.dtype, x.device)
     if not supports(x, down):
         raise KernelError(f"rank {r} exceeds the on-chip limit {MAX_RANK}; use lowrank_linear_ref")
-    ep = Epilogue.parse(epilogue)
+    ep = parse_epilogue(epilogue)
+    eager = type(x) is torch.Tensor  # real tensors launch directly; wrap_triton is for tracing
     x2 = rows_of(x, k)
     m = x2.shape[0]
     out_shape = (*x.shape[:-1], n)
@@ -133,15 +135,16 @@ def lowrank_linear(x, down, up, bias=None, epilogue: str = "", aux=(), *, wrap=N
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.view(out_shape)
-    down, up = down.contiguous(), up.contiguous()
+    down = down if down.is_contiguous() else down.contiguous()
+    up = up if up.is_contiguous() else up.contiguous()
 
     def grid(meta):
         n_tiles = -(-n // meta["BN"])
         return (-(-m // meta["BM"]), min(meta["SPLIT"], n_tiles))
 
     kernel(ep).launch(
-        grid, x2, down, up, bias if bias is not None else unused_pointer(x), out, *auxs,
+        grid, x2, down, up, bias if bias is not None else unused_pointer(x, eager), out, *auxs,
         m, n, k, r, x2.stride(0), shape_class(m),
-        HAS_BIAS=bias is not None, R_PAD=next_pow2(max(16, r)), wrap=wrap, **dot_flags(x.dtype),
+        HAS_BIAS=bias is not None, R_PAD=next_pow2(max(16, r)), wrap=None if eager else wrap, **dot_flags(x.dtype),
     )  # fmt: skip
     return out.view(out_shape)
