@@ -17,7 +17,7 @@ int32 buffers are stored and counted in the option's bytes.
 The fit. For fixed groups, the best blocks are closed-form: the weight's own entries
 (Frobenius), or with calibration the exact least-squares regression of each output group
 on its input group, ``B_g = W_g C[:, g] (C[g, g])⁻¹`` (minimises ``tr(ΔCΔᵀ)`` over the
-support; a tiny ridge where C[g, g] is singular). The groups are chosen to keep the most
+support, with the damped C of ``passes.structured_base.Problem``). The groups are chosen to keep the most
 "energy" ``Σ_g Σ_{r ∈ R_g, c ∈ C_g} W[r, c]² · C[c, c]`` (C = I without calibration), a
 balanced co-clustering: alternately reassign the input columns given the output groups and
 the rows given the input groups, each by a greedy balanced assignment (largest gains
@@ -71,9 +71,11 @@ class BlockDiagConfig(TransformConfig):
             contiguous groups.
         activation_aware: fit the blocks and groups to the calibration inputs.
 
-    Expected error: high on pretrained weights (SmolLM2 layer 5 with 2 blocks: 0.4-0.6
-    relative output error), which spread their energy over all entries; the cheapest
-    option per byte to compute, and a good start for training (``passes.reparametrize``).
+    Expected error: above low-rank of the same bytes on pretrained weights, which spread
+    their energy over all entries. SmolLM2 layer 5 with 2 blocks (half the bytes), relative
+    output error: q_proj 0.052 vs low-rank's 0.028, o_proj 0.13 vs 0.06, up_proj 0.26 vs
+    0.18, down_proj 0.20 vs 0.19. The cheapest structure to compute, and a good start for
+    training (``passes.reparametrize``).
     """
 
     family: ClassVar[str] = "blockdiag"
@@ -264,7 +266,8 @@ def _fit(problem: Problem, config: BlockDiagConfig) -> Fit:
     b = config.nblocks
     s, p = config.blocks(out, inn)
     w = F.pad(problem.w, (0, b * p - inn, 0, b * s - out))
-    cov = None if problem.covariance is None else F.pad(problem.covariance, (0, b * p - inn, 0, b * p - inn))
+    # the damped C (see passes.structured_base.Problem): keeps the regressions bounded
+    cov = None if problem.covariance is None else F.pad(problem.fit_covariance, (0, b * p - inn, 0, b * p - inn))
     if config.permute:
         weight = torch.ones(b * p, dtype=w.dtype) if cov is None else cov.diagonal()
         row_group, col_group, _ = co_cluster(w.square() * weight, b)
@@ -284,9 +287,12 @@ def _fit(problem: Problem, config: BlockDiagConfig) -> Fit:
         ridge = 1e-12 * cgg.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-300)
         with single_threaded():
             blocks = torch.linalg.solve(cgg + ridge[:, None, None] * torch.eye(p, dtype=w.dtype), wc_g.transpose(1, 2)).transpose(1, 2)
-        # tr(WCWᵀ) − 2⟨W', WC⟩ + Σ_g tr(B_g C_gg B_gᵀ), exact for these blocks
+        # tr(WC_fWᵀ) − 2⟨W', WC_f⟩ + Σ_g tr(B_g C_gg B_gᵀ), then the ridge's δ‖Δ‖² taken off
         quad = (blocks * (blocks @ cgg)).sum().item()
-        err = max(0.0, (problem.w * problem.wc).sum().item() - 2 * (blocks * wc_g).sum().item() + quad)
+        fit = max(0.0, (problem.w * problem.fit_wc).sum().item() - 2 * (blocks * wc_g).sum().item() + quad)
+        kept = torch.stack([wg[g][:, cols[g]] for g in range(b)])
+        delta_sq = w.square().sum() - kept.square().sum() + (blocks - kept).square().sum()
+        err = problem.exact(fit, delta_sq.item())
     factors = {"blocks": blocks.contiguous()}
     if config.permute:
         position = np.empty(b * s, dtype=np.int64)

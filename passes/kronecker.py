@@ -19,7 +19,8 @@ The projection (Van Loan & Pitsianis 1993). Rearranging W into ``R(W)`` of shape
 ``Σ A ⊗ B`` into ``Σ vec(A) vec(B)ᵀ``: the truncated rank-r SVD of R(W) is the exact
 Frobenius optimum, and one eigendecomposition prices every r. With calibration the output
 error ``tr(ΔCΔᵀ)`` is no longer a function of R(W) alone (a dense C^½ mixes the factors), so
-the factors are refined by alternating exact least squares on the full C, starting from the
+the factors are refined by alternating exact least squares on the full (damped, see
+``passes.structured_base.Problem``) C, starting from the
 Frobenius optimum: for fixed B the problem in A separates over the rows i1 of A with one
 shared (r·a_in)² normal matrix ``H_A = Σ_{i2} (B_{·,i2,·} ⊗ I) C (…)ᵀ``, and symmetrically for
 B. Each step is an exact minimiser, so the error never increases; a step costs ~r²·in²
@@ -82,9 +83,10 @@ class KroneckerConfig(TransformConfig):
         activation_aware: fit the output error on the calibration inputs (needs calibration);
             False is the closed-form Frobenius projection.
 
-    Expected error: large on pretrained weights (their rearrangements have flat spectra:
-    SmolLM2 layer 5 keeps under half its output energy at a fifth of the bytes, see
-    ``benchmarks/structured.py``); exact on weights that are such sums.
+    Expected error: on pretrained weights well above low-rank of the same bytes (their
+    rearrangements have flat spectra). SmolLM2 layer 5 at a quarter of the bytes (A of 4 × 4,
+    4 terms), relative output error: q_proj 0.13 vs low-rank's 0.065, o_proj 0.29 vs 0.16,
+    up_proj 0.52 vs 0.36, down_proj 0.45 vs 0.40. Exact on weights that are such sums.
     """
 
     family: ClassVar[str] = "kronecker"
@@ -220,10 +222,11 @@ class _Als:
         self.a_out, self.a_in = config.a_out, config.a_in
         self.b_out, self.b_in = config.b_shape(out, inn)
         n_pad = self.a_in * self.b_in
-        self.c4 = F.pad(problem.covariance, (0, n_pad - inn, 0, n_pad - inn)).view(self.a_in, self.b_in, self.a_in, self.b_in)
-        wc = F.pad(problem.wc, (0, n_pad - inn, 0, self.a_out * self.b_out - out))
+        c = problem.fit_covariance  # the damped C (see passes.structured_base.Problem)
+        self.c4 = F.pad(c, (0, n_pad - inn, 0, n_pad - inn)).view(self.a_in, self.b_in, self.a_in, self.b_in)
+        wc = F.pad(problem.fit_wc, (0, n_pad - inn, 0, self.a_out * self.b_out - out))
         self.wc4 = wc.view(self.a_out, self.b_out, self.a_in, self.b_in)
-        self.total = (problem.w * problem.wc).sum().item()
+        self.total = (problem.w * problem.fit_wc).sum().item()
 
     @staticmethod
     def _solve(h: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -276,9 +279,12 @@ def _weighted(problem: Problem, config: KroneckerConfig, ranks: list[int]) -> di
                 if last_sweep - best[2] < SWEEP_TOL * best[2]:
                     break
                 last_sweep = best[2]
+        dense = kronecker_dense(best[0], best[1], *problem.shape)
         if als.a_out * als.b_out != problem.shape[0]:
             # Padded output rows were fitted (to zeros) too: price the real rows exactly.
-            best = (best[0], best[1], problem.squared_error(kronecker_dense(best[0], best[1], *problem.shape)))
+            best = (best[0], best[1], problem.squared_error(dense))
+        else:  # damped -> exact: tr(ΔCΔᵀ) = tr(ΔC_fΔᵀ) − δ‖Δ‖²
+            best = (best[0], best[1], problem.exact(best[2], (problem.w - dense).square().sum().item()))
         result[r] = best
     return result
 

@@ -41,12 +41,26 @@ from ir import UseKind, WeightSite
 from passes.config import TransformConfig
 from passes.transform import Candidate, Transform, Workspace, replace_module
 
-__all__ = ["FactorSpec", "Fit", "Problem", "StructuredTransform", "fit_threads", "linear_only_reason", "make_problem", "single_threaded"]
+__all__ = ["DAMPING", "FactorSpec", "Fit", "Problem", "StructuredTransform", "fit_threads", "linear_only_reason", "make_problem", "single_threaded"]
+
+
+#: Ridge added to C for fitting, relative to its mean diagonal (:class:`Problem`).
+DAMPING = 1e-2
 
 
 @dataclass
 class Problem:
     """One weight's fitting problem, shared by every option of a site.
+
+    The fits minimise ``tr(ΔC_fΔᵀ)`` with the damped ``C_f = C + δI`` (δ = :data:`DAMPING` ×
+    the mean diagonal of C), i.e. the calibration output error plus ``δ‖Δ‖²``; the errors
+    they report are exact for C: ``tr(ΔC_fΔᵀ) − δ‖Δ‖²``. Without the ridge a least-squares
+    step may use directions the calibration inputs (nearly) never excite: on SmolLM2's
+    layer-18 o_proj (C numerically singular) an undamped Monarch fit reached a 0.04 relative
+    calibration error with ‖W'‖ = 8,300 ‖W‖, a relative error of 20,000 on evaluation text and
+    a perplexity of 1.3 million; damped by 1e-4 to 1e-2 it priced 0.16, measured 0.24-0.30
+    on evaluation text, perplexity 15.1 (dense 13.6). Low-rank needs no ridge: its
+    projections never amplify a direction.
 
     Attributes:
         w: the weight as the (out × in) matrix of its linear map, fp64.
@@ -54,24 +68,42 @@ class Problem:
             minimise the Frobenius error).
         scale: multiplies a squared error (``tr(ΔCΔᵀ)``, or ``‖Δ‖²`` data-free) into the
             shared error unit.
+        damping: δ; ``None`` sets it from C.
     """
 
     w: torch.Tensor
     covariance: torch.Tensor | None
     scale: float
-    _wc: torch.Tensor | None = None
+    damping: float | None = None
+    _fit_c: torch.Tensor | None = None
+    _fit_wc: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.damping is None:
+            self.damping = 0.0 if self.covariance is None else DAMPING * self.covariance.diagonal().mean().item()
 
     @property
-    def wc(self) -> torch.Tensor:
-        """``W·C`` (computed once per site; the families' least-squares right-hand sides)."""
-        if self._wc is None:
+    def fit_covariance(self) -> torch.Tensor:
+        """``C_f = C + δI``, what the weighted fits minimise with."""
+        if self._fit_c is None:
             assert self.covariance is not None
-            self._wc = self.w @ self.covariance
-        return self._wc
+            self._fit_c = self.covariance + self.damping * torch.eye(self.covariance.shape[0], dtype=self.covariance.dtype)
+        return self._fit_c
+
+    @property
+    def fit_wc(self) -> torch.Tensor:
+        """``W·C_f`` (computed once per site; the least-squares right-hand sides)."""
+        if self._fit_wc is None:
+            self._fit_wc = self.w @ self.fit_covariance
+        return self._fit_wc
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.w.shape)
+
+    def exact(self, fit_error: float, delta_sq: float) -> float:
+        """The exact ``tr(ΔCΔᵀ)`` from a fit's ``tr(ΔC_fΔᵀ)`` and ``‖Δ‖²``."""
+        return max(0.0, fit_error - self.damping * delta_sq)
 
     def squared_error(self, w_new: torch.Tensor) -> float:
         """Exact squared error of ``w_new`` (fp64, dense): ``tr(ΔCΔᵀ)`` or ``‖Δ‖²``.

@@ -64,11 +64,15 @@ def test_aware_blocks_are_the_least_squares_optimum_for_their_groups():
     w = torch.randn(12, 16, generator=g, dtype=torch.float64)
     x = torch.randn(300, 16, generator=g, dtype=torch.float64) @ torch.randn(16, 16, generator=g, dtype=torch.float64)
     c = x.T @ x / 300
-    fit = T.fit(Problem(w, c, 1.0), [BlockDiagConfig(2, False, True)])[0]
+    problem = Problem(w, c, 1.0)
+    fit = T.fit(problem, [BlockDiagConfig(2, False, True)])[0]
     blocks = fit.factors["blocks"]
-    for grp in range(2):  # regress each output group on its input group: lstsq on the data itself
+    ridge = problem.damping * x.shape[0]  # C_f = C + δI, i.e. ridge regression on the rows of x
+    for grp in range(2):  # regress each output group on its input group, on the data itself
         rows, cols = slice(6 * grp, 6 * grp + 6), slice(8 * grp, 8 * grp + 8)
-        want = torch.linalg.lstsq(x[:, cols], x @ w[rows].T).solution.T
+        xa = torch.cat([x[:, cols], ridge**0.5 * torch.eye(8, dtype=torch.float64)])
+        ya = torch.cat([x @ w[rows].T, ridge**0.5 * w[rows, cols].T])
+        want = torch.linalg.lstsq(xa, ya).solution.T
         torch.testing.assert_close(blocks[grp], want, rtol=1e-7, atol=1e-9)
     d = w - blockdiag_dense(blocks, 12, 16)
     torch.testing.assert_close(fit.squared_error, ((d @ c) * d).sum().item(), rtol=1e-9, atol=1e-12)

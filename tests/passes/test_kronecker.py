@@ -54,12 +54,12 @@ def test_projection_is_no_worse_than_gradient_descent_from_many_starts():
     A, B = project_kronecker(w, (2, 3), 2)
     ours = (w - kronecker_dense(A, B, 6, 6)).square().sum().item()
     best = float("inf")
-    for start in range(20):
+    for start in range(8):
         g = torch.Generator().manual_seed(100 + start)
         Ag = torch.randn(2, 2, 3, generator=g, dtype=torch.float64).requires_grad_()
         Bg = torch.randn(2, 3, 2, generator=g, dtype=torch.float64).requires_grad_()
         opt = torch.optim.Adam([Ag, Bg], lr=0.05)
-        for _ in range(400):
+        for _ in range(300):
             opt.zero_grad()
             loss = (w - kronecker_dense(Ag, Bg, 6, 6)).square().sum()
             loss.backward()

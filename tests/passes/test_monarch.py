@@ -82,19 +82,19 @@ def test_projection_recovers_monarch_matrices_exactly():
 
 
 def test_projection_is_no_worse_than_gradient_descent_from_many_starts():
-    """Brute force on a tiny case: Adam over (L, R) from 20 random starts never beats the closed form."""
+    """Brute force on a tiny case: Adam over (L, R) from 8 random starts never beats the closed form."""
     torch.manual_seed(0)
     w = torch.randn(6, 8, dtype=torch.float64)
     b, k = 2, 1
     L, R = project_monarch(w, b, k)
     ours = (w - monarch_dense(L, R, 6, 8)).square().sum().item()
     best = float("inf")
-    for start in range(20):
+    for start in range(8):
         g = torch.Generator().manual_seed(100 + start)
         Lg = torch.randn(b, 3, b * k, generator=g, dtype=torch.float64).requires_grad_()
         Rg = torch.randn(b, k * b, 4, generator=g, dtype=torch.float64).requires_grad_()
         opt = torch.optim.Adam([Lg, Rg], lr=0.05)
-        for _ in range(400):
+        for _ in range(300):
             opt.zero_grad()
             loss = (w - monarch_dense(Lg, Rg, 6, 8)).square().sum()
             loss.backward()
