@@ -9,6 +9,12 @@ the input dtype as the two-matmul reference does, then produces the output tiles
 extra program, which pays at small M where there are too few row blocks to fill the GPU; the
 tuner chooses per shape class).
 
+From :data:`T_GIVEN_ROWS` rows on (prefill) recomputing ``t`` per program costs more than it
+saves: the wrapper computes ``t = x·downᵀ`` once with one torch matmul (cuBLAS; ``M × r``, a
+small tensor) and the kernel, in its ``T_GIVEN`` variant, loads ``t`` instead of computing it,
+so every output tile can have its own program at no extra work. The bias and the epilogue stay
+fused into the second product, which is where the output-sized round trips are.
+
 Ranks whose padded size exceeds :data:`MAX_RANK` do not fit on chip: :func:`supports` says so
 and the callers keep the two-matmul path.
 """
@@ -31,10 +37,20 @@ from codegen.kernels.common import (
 )
 from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
 
-__all__ = ["CONFIGS", "MAX_RANK", "kernel", "lowrank_linear", "lowrank_linear_ref", "supports"]
+__all__ = [
+    "CONFIGS",
+    "MAX_RANK",
+    "kernel",
+    "lowrank_linear",
+    "lowrank_linear_ref",
+    "supports",
+]
 
 #: Largest padded rank kept on chip (``BM × MAX_RANK`` fp32 accumulators per program).
 MAX_RANK = 256
+
+#: From this many rows on, ``t = x·downᵀ`` is one torch matmul and the kernel only loads it.
+T_GIVEN_ROWS = 256
 
 #: Tuning space (the first is the untuned default). Small on purpose: compile time is paid per config.
 CONFIGS = (
@@ -43,17 +59,19 @@ CONFIGS = (
     {"BM": 32, "BN": 64, "BK": 64, "SPLIT": 2, "num_warps": 4, "num_stages": 3},
     {"BM": 64, "BN": 64, "BK": 32, "SPLIT": 1, "num_warps": 4, "num_stages": 3},
     {"BM": 64, "BN": 128, "BK": 32, "SPLIT": 4, "num_warps": 8, "num_stages": 3},
+    {"BM": 128, "BN": 128, "BK": 32, "SPLIT": 1024, "num_warps": 8, "num_stages": 3},
+    {"BM": 64, "BN": 64, "BK": 32, "SPLIT": 1024, "num_warps": 4, "num_stages": 3},
 )
 
 TEMPLATE = (
     DOT_HELPER
-    + '''
+    + """
 
 @triton.jit
 def ${KERNEL}(
     x_ptr, down_ptr, up_ptr, bias_ptr, out_ptr, ${AUX_PARAMS}
     M, N, K, R, stride_xm, M_CLASS,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, R_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, R_PAD: tl.constexpr, T_GIVEN: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -63,15 +81,19 @@ def ${KERNEL}(
     m_mask = offs_m < M
     r_mask = offs_r < R
 
-    # stage 1: t = x·downᵀ for this row block, kept in registers
-    t = tl.zeros((BM, R_PAD), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        k_mask = offs_k < K
-        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(down_ptr + offs_r[None, :] * K + offs_k[:, None], mask=r_mask[None, :] & k_mask[:, None], other=0.0)
-        t = _dot(a, b, t, IEEE, UPCAST)
-    t = t.to(x_ptr.dtype.element_ty)
+    if T_GIVEN:
+        # t = x·downᵀ was computed once by the caller: x_ptr is t, (M, R) with row stride stride_xm
+        t = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+    else:
+        # stage 1: t = x·downᵀ for this row block, kept in registers
+        t = tl.zeros((BM, R_PAD), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            k_mask = offs_k < K
+            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(down_ptr + offs_r[None, :] * K + offs_k[:, None], mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+            t = _dot(a, b, t, IEEE, UPCAST)
+        t = t.to(x_ptr.dtype.element_ty)
 
     # stage 2: this program's output tiles of t·upᵀ, bias and epilogue fused, one store each
     for n0 in range(pid_n * BN, N, BN * tl.num_programs(1)):
@@ -85,16 +107,25 @@ def ${KERNEL}(
         out_mask = m_mask[:, None] & n_mask[None, :]
         ${EPILOGUE}
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-'''
+"""
 )
 
 
 def kernel(epilogue: Epilogue = NO_EPILOGUE):
     """The built kernel for ``epilogue`` (cached): ``.source`` is the generated Triton code."""
-    return build(TEMPLATE, "_lowrank_linear_kernel", epilogue, CONFIGS, ("M_CLASS", "N", "K", "R"), __name__)
+    return build(
+        TEMPLATE,
+        "_lowrank_linear_kernel",
+        epilogue,
+        CONFIGS,
+        ("M_CLASS", "N", "K", "R", "T_GIVEN"),
+        __name__,
+    )
 
 
-def lowrank_linear_ref(x, down, up, bias=None, epilogue: str = "", aux=()) -> torch.Tensor:
+def lowrank_linear_ref(
+    x, down, up, bias=None, epilogue: str = "", aux=()
+) -> torch.Tensor:
     """The semantics: ``F.linear(F.linear(x, down), up, bias)`` then the epilogue (fp32), in x's dtype."""
     y = F.linear(F.linear(x, down), up, bias)
     return Epilogue.parse(epilogue).apply_ref(y.float(), aux).to(x.dtype)
@@ -102,10 +133,16 @@ def lowrank_linear_ref(x, down, up, bias=None, epilogue: str = "", aux=()) -> to
 
 def supports(x: torch.Tensor, down: torch.Tensor) -> bool:
     """Whether the fused kernel takes this rank and dtype (else use the two-matmul path)."""
-    return next_pow2(max(16, down.shape[0])) <= MAX_RANK and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return next_pow2(max(16, down.shape[0])) <= MAX_RANK and x.dtype in (
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+    )
 
 
-def lowrank_linear(x, down, up, bias=None, epilogue: str = "", aux=(), *, wrap=None) -> torch.Tensor:
+def lowrank_linear(
+    x, down, up, bias=None, epilogue: str = "", aux=(), *, wrap=None
+) -> torch.Tensor:
     """Launch the fused kernel: ``epilogue((x·downᵀ)·upᵀ + bias)``.
 
     Args:
@@ -121,13 +158,21 @@ def lowrank_linear(x, down, up, bias=None, epilogue: str = "", aux=(), *, wrap=N
     k = x.shape[-1]
     r, n = down.shape[0], up.shape[0]
     if down.shape != (r, k) or up.shape != (n, r):
-        raise KernelError(f"low-rank factors must be down (r, {k}) and up (out, r), got {tuple(down.shape)}, {tuple(up.shape)}")
-    for name, t in (("down", down), ("up", up)) + ((("bias", bias),) if bias is not None else ()):
+        raise KernelError(
+            f"low-rank factors must be down (r, {k}) and up (out, r), got {tuple(down.shape)}, {tuple(up.shape)}"
+        )
+    for name, t in (("down", down), ("up", up)) + (
+        (("bias", bias),) if bias is not None else ()
+    ):
         check_float(name, t, x.dtype, x.device)
     if not supports(x, down):
-        raise KernelError(f"rank {r} exceeds the on-chip limit {MAX_RANK}; use lowrank_linear_ref")
+        raise KernelError(
+            f"rank {r} exceeds the on-chip limit {MAX_RANK}; use lowrank_linear_ref"
+        )
     ep = parse_epilogue(epilogue)
-    eager = type(x) is torch.Tensor  # real tensors launch directly; wrap_triton is for tracing
+    eager = (
+        type(x) is torch.Tensor
+    )  # real tensors launch directly; wrap_triton is for tracing
     x2 = rows_of(x, k)
     m = x2.shape[0]
     out_shape = (*x.shape[:-1], n)
@@ -137,6 +182,11 @@ def lowrank_linear(x, down, up, bias=None, epilogue: str = "", aux=(), *, wrap=N
         return out.view(out_shape)
     down = down if down.is_contiguous() else down.contiguous()
     up = up if up.is_contiguous() else up.contiguous()
+    t_given = m >= T_GIVEN_ROWS
+    if t_given:
+        x2 = F.linear(
+            x2, down
+        )  # t, (m, r): one cuBLAS matmul instead of one per program
 
     def grid(meta):
         n_tiles = -(-n // meta["BN"])
@@ -145,6 +195,7 @@ def lowrank_linear(x, down, up, bias=None, epilogue: str = "", aux=(), *, wrap=N
     kernel(ep).launch(
         grid, x2, down, up, bias if bias is not None else unused_pointer(x, eager), out, *auxs,
         m, n, k, r, x2.stride(0), shape_class(m),
-        HAS_BIAS=bias is not None, R_PAD=next_pow2(max(16, r)), wrap=None if eager else wrap, **dot_flags(x.dtype),
+        HAS_BIAS=bias is not None, R_PAD=next_pow2(max(16, r)), T_GIVEN=t_given, wrap=None if eager else wrap,
+        **dot_flags(x.dtype),
     )  # fmt: skip
     return out.view(out_shape)

@@ -20,13 +20,25 @@ def _load():
 
 def test_benchmark_sections_run_at_tiny_sizes(device, capsys):
     bench = _load()
-    bench.LOWRANK_SHAPES = [(3, 40, 24, 8), (1, 24, 40, 4)]
+    bench.LOWRANK_SHAPES = [
+        (3, 40, 24, 8),
+        (1, 24, 40, 4),
+        (260, 24, 40, 4),
+    ]  # the last: t given
     bench.GEMV_SHAPES = [(24, 64)]
     bench.GEMV_FORMATS = ("int4g32", "int8")
     bench.GEMM_SHAPES = [(20, 24, 64)]
     bench.MONARCH_SHAPES = [(64, 8)]
     bench.MONARCH_ROWS = (1, 17)
-    bench.PROXY_SHAPES = {"q": (32, 32), "k": (16, 32), "v": (16, 32), "o": (32, 32), "gate": (64, 32), "up": (64, 32), "down": (32, 64)}
+    bench.PROXY_SHAPES = {
+        "q": (32, 32),
+        "k": (16, 32),
+        "v": (16, 32),
+        "o": (32, 32),
+        "gate": (64, 32),
+        "up": (64, 32),
+        "down": (32, 64),
+    }
     dtype = torch.float32
     bench.bench_lowrank(device, dtype)
     bench.bench_dequant(device, dtype)
@@ -34,6 +46,12 @@ def test_benchmark_sections_run_at_tiny_sizes(device, capsys):
     bench.bench_decode_proxy(device, dtype, 2, kernel_variants=True)
     out = capsys.readouterr().out
     assert bench.FAILURES == []
-    for heading in ("Fused low-rank", "Dequant-GEMV", "Dequant-GEMM", "Monarch", "Decode proxy"):
+    for heading in (
+        "Fused low-rank",
+        "Dequant-GEMV",
+        "Dequant-GEMM",
+        "Monarch",
+        "Decode proxy",
+    ):
         assert heading in out
     assert "kernel + fused epilogues" in out and out.count("×") > 8
