@@ -37,7 +37,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["NO_EPILOGUE", "Epilogue", "EpilogueError", "Kernel", "autotuning", "build", "cache_dir", "interpreting", "shape_class"]
+__all__ = [
+    "NO_EPILOGUE",
+    "Epilogue",
+    "EpilogueError",
+    "Kernel",
+    "autotuning",
+    "build",
+    "cache_dir",
+    "interpreting",
+    "shape_class",
+]
 
 #: Activations an epilogue can apply, as Triton statements on ``acc`` (fp32).
 ACTIVATIONS: dict[str, str] = {
@@ -72,7 +82,9 @@ class Epilogue:
     def __post_init__(self):
         bad = [s for s in self.steps if not _STEP.match(s)]
         if bad:
-            raise EpilogueError(f"unknown epilogue step(s) {bad}; valid: {sorted(ACTIVATIONS) + sorted(BINARY)}")
+            raise EpilogueError(
+                f"unknown epilogue step(s) {bad}; valid: {sorted(ACTIVATIONS) + sorted(BINARY)}"
+            )
 
     @classmethod
     def parse(cls, spec: str) -> Epilogue:
@@ -249,7 +261,9 @@ def build(
     kernel_name = f"{name}_{suffix}" if suffix else name
     slot = re.search(r"^([ \t]*)\$\{EPILOGUE\}[ \t]*$", template, re.MULTILINE)
     if slot is None and epilogue.steps:
-        raise EpilogueError(f"template {name} has no ${{EPILOGUE}} slot; it cannot fuse {epilogue.spec!r}")
+        raise EpilogueError(
+            f"template {name} has no ${{EPILOGUE}} slot; it cannot fuse {epilogue.spec!r}"
+        )
     if slot is not None:
         template = template[: slot.start()] + "${EPILOGUE}" + template[slot.end() :]
     body = string.Template(template).substitute(
@@ -266,7 +280,13 @@ def build(
         tconfigs = []
         for c in configs if tuned else configs[:1]:
             meta = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
-            tconfigs.append(triton.Config(meta, num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 2)))
+            tconfigs.append(
+                triton.Config(
+                    meta,
+                    num_warps=c.get("num_warps", 4),
+                    num_stages=c.get("num_stages", 2),
+                )
+            )
         fn = triton.autotune(configs=tconfigs, key=list(key))(fn)
     kernel = Kernel(fn, source, path, tuple(configs), not interpret)
     _BUILT[cache_key] = kernel

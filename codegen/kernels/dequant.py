@@ -102,11 +102,15 @@ class QuantFormat:
     def _parse(cls, fmt: str) -> QuantFormat:
         m = _FMT.match(fmt)
         if m is None:
-            raise KernelError(f"unknown quantized format {fmt!r}; expected int8, int{{2,3,4}}g{{32,64,128}} or nf4g{{32,64,128}}, optionally + 'dq'")
+            raise KernelError(
+                f"unknown quantized format {fmt!r}; expected int8, int{{2,3,4}}g{{32,64,128}} or nf4g{{32,64,128}}, optionally + 'dq'"
+            )
         int8, bits, g, g_nf4, dq = m.groups()
         if int8:
             if dq:
-                raise KernelError("int8 stores its scales as fp16 only; 'int8dq' does not exist")
+                raise KernelError(
+                    "int8 stores its scales as fp16 only; 'int8dq' does not exist"
+                )
             return cls(2, 8, 0, False)
         if bits:
             return cls(0, int(bits), int(g), bool(dq))
@@ -122,7 +126,9 @@ class QuantFormat:
             return cls(0, config.bits, config.group_size, config.double_quant)
         if name == "NF4Config":
             return cls(1, 4, config.group_size, config.double_quant)
-        raise KernelError(f"no dequantization kernel for {name} (Int8Config, IntNConfig, NF4Config have one)")
+        raise KernelError(
+            f"no dequantization kernel for {name} (Int8Config, IntNConfig, NF4Config have one)"
+        )
 
     @property
     def spec(self) -> str:
@@ -232,12 +238,12 @@ _PARAMS = """
 
 GEMV_TEMPLATE = (
     _HELPERS
-    + '''
+    + """
 
 @triton.jit
-def ${KERNEL}('''
+def ${KERNEL}("""
     + _PARAMS
-    + '''
+    + """
     BN: tl.constexpr, BK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -289,17 +295,17 @@ def ${KERNEL}('''
     out_mask = n_mask
     ${EPILOGUE}
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-'''
+"""
 )
 
 GEMM_TEMPLATE = (
     _HELPERS
-    + '''
+    + """
 
 @triton.jit
-def ${KERNEL}('''
+def ${KERNEL}("""
     + _PARAMS
-    + '''
+    + """
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -330,7 +336,7 @@ def ${KERNEL}('''
     out_mask = m_mask[:, None] & n_mask[None, :]
     ${EPILOGUE}
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-'''
+"""
 )
 
 #: GEMV tuning space (the first is the untuned default). Batch-1 decode reads each weight byte once,
@@ -344,6 +350,10 @@ GEMV_CONFIGS = (
     {"BN": 8, "BK": 1024, "num_warps": 8, "num_stages": 2},
     {"BN": 16, "BK": 256, "num_warps": 4, "num_stages": 4},
     {"BN": 32, "BK": 256, "num_warps": 8, "num_stages": 2},
+    # more bytes in flight per SM (H100 run 3 reached 1.0–1.6 TB/s with the six above)
+    {"BN": 4, "BK": 512, "num_warps": 4, "num_stages": 5},
+    {"BN": 2, "BK": 1024, "num_warps": 4, "num_stages": 4},
+    {"BN": 8, "BK": 256, "num_warps": 2, "num_stages": 6},
 )
 #: GEMM tuning space: tensor-core tiles up to 128×128 (BK = 128, a multiple of every group size).
 GEMM_CONFIGS = (
@@ -359,12 +369,16 @@ _KEY = ("M_CLASS", "N", "K", "R")
 
 def gemv_kernel(epilogue: Epilogue = NO_EPILOGUE):
     """The built GEMV kernel for ``epilogue`` (cached; ``.source`` is the generated code)."""
-    return build(GEMV_TEMPLATE, "_dequant_gemv_kernel", epilogue, GEMV_CONFIGS, _KEY, __name__)
+    return build(
+        GEMV_TEMPLATE, "_dequant_gemv_kernel", epilogue, GEMV_CONFIGS, _KEY, __name__
+    )
 
 
 def gemm_kernel(epilogue: Epilogue = NO_EPILOGUE):
     """The built GEMM kernel for ``epilogue`` (cached)."""
-    return build(GEMM_TEMPLATE, "_dequant_gemm_kernel", epilogue, GEMM_CONFIGS, _KEY, __name__)
+    return build(
+        GEMM_TEMPLATE, "_dequant_gemm_kernel", epilogue, GEMM_CONFIGS, _KEY, __name__
+    )
 
 
 # ---- reference -----------------------------------------------------------------------------
@@ -379,7 +393,11 @@ def dequantize_ref(codes, constants, fmt: str, cols: int) -> torch.Tensor:
         return qf.int8_rowwise_dequantize(codes, constants[0].float())
     values = []
     for i in range(0, len(constants), 2 if f.dq else 1):
-        values.append(qf.dequantize_constants(constants[i], constants[i + 1]) if f.dq else constants[i].float())
+        values.append(
+            qf.dequantize_constants(constants[i], constants[i + 1])
+            if f.dq
+            else constants[i].float()
+        )
     q = qf.unpack(codes, f.bits, values[0].shape[1] * f.group)
     if f.kind == 0:
         return qf.dequantize_groups(q, values[0], values[1], cols)
@@ -387,7 +405,16 @@ def dequantize_ref(codes, constants, fmt: str, cols: int) -> torch.Tensor:
 
 
 def quant_linear_ref(
-    x, codes, constants, fmt: str, cols: int, bias=None, down=None, up=None, epilogue: str = "", aux=()
+    x,
+    codes,
+    constants,
+    fmt: str,
+    cols: int,
+    bias=None,
+    down=None,
+    up=None,
+    epilogue: str = "",
+    aux=(),
 ) -> torch.Tensor:
     """The semantics (what ``QuantizedLinear``/``LQLinear`` compute, then the epilogue in fp32)."""
     y = F.linear(x, dequantize_ref(codes, constants, fmt, cols).to(x.dtype), bias)
@@ -411,7 +438,9 @@ def _codebook(like: torch.Tensor) -> torch.Tensor:
     if is_fake(like):
         return NF4_CODEBOOK.to(device=like.device, dtype=torch.float32)
     if like.device not in _CODEBOOKS:
-        _CODEBOOKS[like.device] = NF4_CODEBOOK.to(device=like.device, dtype=torch.float32)
+        _CODEBOOKS[like.device] = NF4_CODEBOOK.to(
+            device=like.device, dtype=torch.float32
+        )
     return _CODEBOOKS[like.device]
 
 
@@ -420,23 +449,42 @@ def _check_buffers(f: QuantFormat, codes, constants, cols: int) -> int:
     out = codes.shape[0]
     names = f.constant_names()
     if len(constants) != len(names):
-        raise KernelError(f"{f.spec} stores {len(names)} constant buffers {names}, got {len(constants)}")
+        raise KernelError(
+            f"{f.spec} stores {len(names)} constant buffers {names}, got {len(constants)}"
+        )
     if f.kind == 2:
         if codes.dtype != torch.int8 or codes.shape[1] != cols:
-            raise KernelError(f"int8 codes must be int8 ({out}, {cols}), got {codes.dtype} {tuple(codes.shape)}")
+            raise KernelError(
+                f"int8 codes must be int8 ({out}, {cols}), got {codes.dtype} {tuple(codes.shape)}"
+            )
         return 1
     first = constants[0]
     n_groups = first.shape[1]
     row_bytes = n_groups * f.group * f.bits // 8
     if codes.dtype != torch.uint8 or tuple(codes.shape) != (out, row_bytes):
-        raise KernelError(f"{f.spec} codes must be uint8 ({out}, {row_bytes}), got {codes.dtype} {tuple(codes.shape)}")
+        raise KernelError(
+            f"{f.spec} codes must be uint8 ({out}, {row_bytes}), got {codes.dtype} {tuple(codes.shape)}"
+        )
     if n_groups * f.group < cols:
-        raise KernelError(f"{f.spec}: {n_groups} groups of {f.group} cover fewer than the {cols} input columns")
+        raise KernelError(
+            f"{f.spec}: {n_groups} groups of {f.group} cover fewer than the {cols} input columns"
+        )
     return n_groups
 
 
 def quant_linear(
-    x, codes, constants, fmt: str, cols: int, bias=None, down=None, up=None, epilogue: str = "", aux=(), *, wrap=None,
+    x,
+    codes,
+    constants,
+    fmt: str,
+    cols: int,
+    bias=None,
+    down=None,
+    up=None,
+    epilogue: str = "",
+    aux=(),
+    *,
+    wrap=None,
     variant: str = "v2",
 ) -> torch.Tensor:
     """Launch the dequant GEMV (``M ≤ GEMV_MAX_M``) or GEMM kernel.
@@ -455,7 +503,9 @@ def quant_linear(
             benchmark's side-by-side column; :mod:`codegen.kernels.dequant_v1`).
     """
     f = QuantFormat.parse(fmt)
-    eager = type(x) is torch.Tensor  # a real tensor: not traced (fake/functional tensors are subclasses)
+    eager = (
+        type(x) is torch.Tensor
+    )  # a real tensor: not traced (fake/functional tensors are subclasses)
     n_groups = _check_buffers(f, codes, constants, cols)
     n = codes.shape[0]
     check_float("x", x)
@@ -467,11 +517,15 @@ def quant_linear(
     if down is not None:
         r = down.shape[0]
         if down.shape != (r, cols) or up.shape != (n, r):
-            raise KernelError(f"low-rank factors must be down (r, {cols}) and up ({n}, r)")
+            raise KernelError(
+                f"low-rank factors must be down (r, {cols}) and up ({n}, r)"
+            )
         check_float("down", down, x.dtype, x.device)
         check_float("up", up, x.dtype, x.device)
         if next_pow2(max(16, r)) > MAX_RANK:
-            raise KernelError(f"rank {r} exceeds the fused limit {MAX_RANK}; use quant_linear_ref")
+            raise KernelError(
+                f"rank {r} exceeds the fused limit {MAX_RANK}; use quant_linear_ref"
+            )
     ep = parse_epilogue(epilogue)
     x2 = rows_of(x, cols)
     m = x2.shape[0]
@@ -480,7 +534,11 @@ def quant_linear(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.view(out_shape)
-    t = F.linear(x2, down).contiguous() if down is not None else unused_pointer(x, eager)
+    t = (
+        F.linear(x2, down).contiguous()
+        if down is not None
+        else unused_pointer(x, eager)
+    )
     consts = [c if c.is_contiguous() else c.contiguous() for c in constants]
     # kernel slots: (values or codes, blocks) per constant; unused slots get any valid pointer
     c = consts if f.dq else [p for v in consts for p in (v, unused_pointer(x, eager))]

@@ -13,7 +13,13 @@ from codegen.kernels.common import DOT_HELPER
 from codegen.kernels.dequant import _HELPERS, _KEY, _PARAMS, GEMM_TEMPLATE
 from codegen.template import NO_EPILOGUE, Epilogue, build
 
-__all__ = ["GEMM_CONFIGS", "GEMV_CONFIGS", "GEMV_TEMPLATE", "gemm_kernel", "gemv_kernel"]
+__all__ = [
+    "GEMM_CONFIGS",
+    "GEMV_CONFIGS",
+    "GEMV_TEMPLATE",
+    "gemm_kernel",
+    "gemv_kernel",
+]
 
 # v1's helpers as they were
 _HELPERS_V1 = (
@@ -89,12 +95,12 @@ def _packed_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_ma
 
 GEMV_TEMPLATE = (
     _HELPERS_V1
-    + '''
+    + """
 
 @triton.jit
-def ${KERNEL}('''
+def ${KERNEL}("""
     + _PARAMS
-    + '''
+    + """
     BN: tl.constexpr, BK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -124,7 +130,7 @@ def ${KERNEL}('''
     out_mask = n_mask
     ${EPILOGUE}
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-'''
+"""
 )
 
 GEMM_TEMPLATE_V1 = _HELPERS_V1 + GEMM_TEMPLATE[len(_HELPERS) :]
@@ -146,9 +152,18 @@ GEMM_CONFIGS = (
 
 def gemv_kernel(epilogue: Epilogue = NO_EPILOGUE):
     """v1's GEMV kernel for ``epilogue`` (cached)."""
-    return build(GEMV_TEMPLATE, "_dequant_gemv_v1_kernel", epilogue, GEMV_CONFIGS, _KEY, __name__)
+    return build(
+        GEMV_TEMPLATE, "_dequant_gemv_v1_kernel", epilogue, GEMV_CONFIGS, _KEY, __name__
+    )
 
 
 def gemm_kernel(epilogue: Epilogue = NO_EPILOGUE):
     """v1's GEMM kernel: v2's GEMM body over v1's helpers, v1's tuning configs."""
-    return build(GEMM_TEMPLATE_V1, "_dequant_gemm_v1_kernel", epilogue, GEMM_CONFIGS, _KEY, __name__)
+    return build(
+        GEMM_TEMPLATE_V1,
+        "_dequant_gemm_v1_kernel",
+        epilogue,
+        GEMM_CONFIGS,
+        _KEY,
+        __name__,
+    )

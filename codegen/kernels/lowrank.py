@@ -9,8 +9,8 @@ the input dtype as the two-matmul reference does, then produces the output tiles
 extra program, which pays at small M where there are too few row blocks to fill the GPU; the
 tuner chooses per shape class).
 
-From :data:`T_GIVEN_ROWS` rows on (prefill) recomputing ``t`` per program costs more than it
-saves: the wrapper computes ``t = x·downᵀ`` once with one torch matmul (cuBLAS; ``M × r``, a
+From :data:`T_GIVEN_ROWS` rows on (prefill), or when ``down`` is large
+(:data:`T_GIVEN_DOWN`), recomputing ``t`` per program costs more than it saves: the wrapper computes ``t = x·downᵀ`` once with one torch matmul (cuBLAS; ``M × r``, a
 small tensor) and the kernel, in its ``T_GIVEN`` variant, loads ``t`` instead of computing it,
 so every output tile can have its own program at no extra work. The bias and the epilogue stay
 fused into the second product, which is where the output-sized round trips are.
@@ -51,6 +51,10 @@ MAX_RANK = 256
 
 #: From this many rows on, ``t = x·downᵀ`` is one torch matmul and the kernel only loads it.
 T_GIVEN_ROWS = 256
+#: ... and from this many elements of ``down`` on at any row count: every program re-reading a big
+#: ``down`` cost more than the extra launch (H100, 1 × 4096 → 4096 at r = 256: fused 44.6 µs vs
+#: two matmuls 15.1 µs; at 576 × 64 the fused kernel won, 4.6 vs 8.8 µs).
+T_GIVEN_DOWN = 2**18
 
 #: Tuning space (the first is the untuned default). Small on purpose: compile time is paid per config.
 CONFIGS = (
@@ -182,7 +186,7 @@ def lowrank_linear(
         return out.view(out_shape)
     down = down if down.is_contiguous() else down.contiguous()
     up = up if up.is_contiguous() else up.contiguous()
-    t_given = m >= T_GIVEN_ROWS
+    t_given = m >= T_GIVEN_ROWS or down.numel() >= T_GIVEN_DOWN
     if t_given:
         x2 = F.linear(
             x2, down

@@ -35,7 +35,7 @@ __all__ = ["monarch_linear", "monarch_linear_ref", "stage1_kernel", "stage2_kern
 
 STAGE1_TEMPLATE = (
     DOT_HELPER
-    + '''
+    + """
 
 @triton.jit
 def ${KERNEL}(
@@ -65,12 +65,12 @@ def ${KERNEL}(
     i = offs_c % NB
     dest = offs_m[:, None] * (NB * KB) + (i * (NB * K_TERMS) + j * K_TERMS + t)[None, :]
     tl.store(g_ptr + dest, acc.to(g_ptr.dtype.element_ty), mask=m_mask[:, None] & c_mask[None, :])
-'''
+"""
 )
 
 STAGE2_TEMPLATE = (
     DOT_HELPER
-    + '''
+    + """
 
 @triton.jit
 def ${KERNEL}(
@@ -102,7 +102,7 @@ def ${KERNEL}(
     out_mask = m_mask[:, None] & n_mask[None, :]
     ${EPILOGUE}
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-'''
+"""
 )
 
 STAGE1_CONFIGS = (
@@ -120,15 +120,31 @@ STAGE2_CONFIGS = (
 
 
 def stage1_kernel():
-    return build(STAGE1_TEMPLATE, "_monarch_stage1_kernel", NO_EPILOGUE, STAGE1_CONFIGS, ("M_CLASS", "IN", "P", "KB"), __name__)
+    return build(
+        STAGE1_TEMPLATE,
+        "_monarch_stage1_kernel",
+        NO_EPILOGUE,
+        STAGE1_CONFIGS,
+        ("M_CLASS", "IN", "P", "KB"),
+        __name__,
+    )
 
 
 def stage2_kernel(epilogue: Epilogue = NO_EPILOGUE):
     """The built stage-2 kernel for ``epilogue`` (cached; ``.source`` is the generated code)."""
-    return build(STAGE2_TEMPLATE, "_monarch_stage2_kernel", epilogue, STAGE2_CONFIGS, ("M_CLASS", "N", "S", "BK_IN"), __name__)
+    return build(
+        STAGE2_TEMPLATE,
+        "_monarch_stage2_kernel",
+        epilogue,
+        STAGE2_CONFIGS,
+        ("M_CLASS", "N", "S", "BK_IN"),
+        __name__,
+    )
 
 
-def monarch_linear_ref(x, L, R, out_features: int, bias=None, epilogue: str = "", aux=()) -> torch.Tensor:
+def monarch_linear_ref(
+    x, L, R, out_features: int, bias=None, epilogue: str = "", aux=()
+) -> torch.Tensor:
     """The semantics: the layout note's ``monarch_ref`` (two bmm's and the regrouping), then the epilogue."""
     b, kb, p = R.shape
     k = kb // b
@@ -143,11 +159,15 @@ def monarch_linear_ref(x, L, R, out_features: int, bias=None, epilogue: str = ""
     y = torch.bmm(L, g).reshape(b * s, n)[:out_features].t()
     if bias is not None:
         y = y + bias
-    y = Epilogue.parse(epilogue).apply_ref(y.float(), [a.reshape(n, out_features) for a in aux])
+    y = Epilogue.parse(epilogue).apply_ref(
+        y.float(), [a.reshape(n, out_features) for a in aux]
+    )
     return y.to(x.dtype).reshape(*lead, out_features)
 
 
-def monarch_linear(x, L, R, out_features: int, bias=None, epilogue: str = "", aux=(), *, wrap=None) -> torch.Tensor:
+def monarch_linear(
+    x, L, R, out_features: int, bias=None, epilogue: str = "", aux=(), *, wrap=None
+) -> torch.Tensor:
     """Launch both stages: ``epilogue(monarch(x) + bias)``.
 
     Args:
@@ -157,15 +177,23 @@ def monarch_linear(x, L, R, out_features: int, bias=None, epilogue: str = "", au
         wrap: ``torch.library.wrap_triton`` inside a ``triton_op``.
     """
     if R.dim() != 3 or L.dim() != 3:
-        raise KernelError(f"Monarch factors must be L (b, s, b·k) and R (b, k·b, p), got {tuple(L.shape)}, {tuple(R.shape)}")
+        raise KernelError(
+            f"Monarch factors must be L (b, s, b·k) and R (b, k·b, p), got {tuple(L.shape)}, {tuple(R.shape)}"
+        )
     b, kb, p = R.shape
     s = L.shape[1]
     if kb % b or L.shape != (b, s, kb):
-        raise KernelError(f"Monarch factors disagree: R {tuple(R.shape)} needs L ({b}, s, {kb}), got {tuple(L.shape)}")
+        raise KernelError(
+            f"Monarch factors disagree: R {tuple(R.shape)} needs L ({b}, s, {kb}), got {tuple(L.shape)}"
+        )
     n_in = x.shape[-1]
     if n_in > b * p or out_features > b * s:
-        raise KernelError(f"x has {n_in} features and out is {out_features}; the factors cover {b * p} → {b * s}")
-    for name, t in (("L", L), ("R", R)) + ((("bias", bias),) if bias is not None else ()):
+        raise KernelError(
+            f"x has {n_in} features and out is {out_features}; the factors cover {b * p} → {b * s}"
+        )
+    for name, t in (("L", L), ("R", R)) + (
+        (("bias", bias),) if bias is not None else ()
+    ):
         check_float(name, t, x.dtype, x.device)
     ep = Epilogue.parse(epilogue)
     x2 = rows_of(x, n_in)
