@@ -37,7 +37,9 @@ every uniform baseline: the solver's plan at a budget is what ``passes.optimize`
 for it, without enumerating the same options four times.
 
     python benchmarks/quant_sweep.py [--models smollm2 minilm] [--bits 8 4.25 3.25 2.75]
-                                     [--calibration 32] [--skip-torchao]
+                                     [--calibration 32] [--skip-torchao] [--skip-reference]
+
+Every torchao row is followed by the solver's plan at exactly that row's stored bytes.
 """
 
 from __future__ import annotations
@@ -392,29 +394,17 @@ def reference_rows(b: Bench) -> list[tuple[Row, float]]:
 def sweep(b: Bench, bits_list, args) -> dict:
     dense = b.measure(b.model) if b.name == "smollm2" else {"cosine": 1.0, "nn": 1.0}
     print(f"{b.name} dense fp32: {b.dense_bytes} bytes, {metric_text(dense)}", flush=True)
-    result = {"dense": dense, "reference": reference_rows(b), "budgets": [], "torchao": [], "optimize_s": []}
+    reference = [] if args.skip_reference else reference_rows(b)
+    result = {"dense": dense, "reference": reference, "budgets": [], "torchao": [], "optimize_s": []}
     families = tuple(f for f in SOLVER_FAMILIES if f in passes.TRANSFORMS)
     for bits in bits_list:
         budget = b.fixed + int(bits / 8 * b.elements)
         label = f"{bits:g} bits"
         print(f"{b.name} {label}: target {budget} bytes ({budget / b.dense_bytes:.3f}x)", flush=True)
         rows = {}
-        t0 = time.perf_counter()
-        try:
-            solution = _solve(b.options, {k: [0] * len(v) for k, v in b.options.items()}, budget, None,
-                              fixed_bytes=b.fixed, time_limit_s=10.0)
-        except InfeasibleBudgetError as exc:  # it names the smallest feasible budget
-            print(f"{b.name} {label} | solver: {exc}", flush=True)
-            rows["solver"] = None
-        else:
-            chosen = {name: b.options[name][i] for name, i in solution.choice.items()}
-            plan = passes.Plan({name: c.config for name, c in chosen.items()})
-            row = evaluate_plan(b, f"solver ({'+'.join(families)})", plan_summary(plan), plan, solution.objective)
-            row.seconds = time.perf_counter() - t0
-            rows["solver"] = row
+        rows["solver"], solution = solver_row(b, budget, label, families)
+        if solution is not None:
             result["optimize_s"].append((bits, solution.wall_time_s, solution.status))
-            print_row(b, label, row)
-            print(f"{b.name} {label} | solver {solution.status} in {solution.wall_time_s:.1f}s", flush=True)
         rows["rtn"] = uniform_format(b, b.quant, "uniform RTN (best fitting)", budget)
         rows["lowrank"] = uniform_lowrank(b, budget)
         rows["lq"] = uniform_format(b, b.lq, "uniform LQ (best fitting)", budget) if b.lq is not None else None
@@ -431,7 +421,30 @@ def sweep(b: Bench, bits_list, args) -> dict:
         for row in torchao_rows(b):
             print_row(b, "torchao", row)
             result["torchao"].append(row)
+            # the peer comparison: our solver at exactly the peer's stored bytes
+            ours, _ = solver_row(b, row.nbytes, f"{row.method} bytes", families)
+            if ours is not None:
+                ours.method = f"solver at the bytes of {row.method}"
+                result["torchao"].append(ours)
     return result
+
+
+def solver_row(b: Bench, budget: int, label: str, families) -> tuple[Row | None, object]:
+    """The solver's plan at ``budget`` bytes (over the options enumerated once), evaluated."""
+    t0 = time.perf_counter()
+    try:
+        solution = _solve(b.options, {k: [0] * len(v) for k, v in b.options.items()}, budget, None,
+                          fixed_bytes=b.fixed, time_limit_s=10.0)  # fmt: skip
+    except InfeasibleBudgetError as exc:  # it names the smallest feasible budget
+        print(f"{b.name} {label} | solver: {exc}", flush=True)
+        return None, None
+    chosen = {name: b.options[name][i] for name, i in solution.choice.items()}
+    plan = passes.Plan({name: c.config for name, c in chosen.items()})
+    row = evaluate_plan(b, f"solver ({'+'.join(families)})", plan_summary(plan), plan, solution.objective)
+    row.seconds = time.perf_counter() - t0
+    print_row(b, label, row)
+    print(f"{b.name} {label} | solver {solution.status} in {solution.wall_time_s:.1f}s", flush=True)
+    return row, solution
 
 
 # ---- README tables ------------------------------------------------------------------------
@@ -473,11 +486,12 @@ def tables(b: Bench, r: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["smollm2", "minilm"], choices=["smollm2", "minilm"])
-    parser.add_argument("--bits", type=float, nargs="+", default=[8, 4.25, 3.25, 2.75])
+    parser.add_argument("--bits", type=float, nargs="*", default=[8, 4.25, 3.25, 2.75], help="budgets (none: peer rows only)")
     parser.add_argument("--calibration", type=int, default=32, help="calibration sequences of 256 tokens")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--sentences", type=int, default=512, help="held-out sentences for MiniLM")
     parser.add_argument("--skip-torchao", action="store_true")
+    parser.add_argument("--skip-reference", action="store_true", help="skip the issue's uniform RTN reference rows")
     args = parser.parse_args()
 
     start = time.perf_counter()
