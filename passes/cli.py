@@ -190,7 +190,22 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--model", default=None, help="the MODEL given to `decomp optimize` (default: recorded in the plan)")
     exp.set_defaults(func=_cmd_export)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _user_errors() as exc:  # what the user can fix: one line, no traceback
+        print(f"decomp {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The typed errors our API raises for bad input (budgets, models, data, plans, export)."""
+    from cost_model.solver import InfeasibleBudgetError
+    from ir.capture import CaptureError
+    from passes.export import OnnxExportError
+    from passes.pipeline import RewriteError
+    from passes.zoo import MissingDataPackageError
+
+    return (InfeasibleBudgetError, CaptureError, OnnxExportError, RewriteError, MissingDataPackageError, ValueError, FileNotFoundError)
 
 
 if __name__ == "__main__":

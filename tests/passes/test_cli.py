@@ -53,3 +53,12 @@ def test_target_memory_in_bytes(tmp_path):
 def test_errors(argv, message):
     with pytest.raises(SystemExit, match=message):
         main(argv)
+
+
+def test_infeasible_budget_is_one_line_naming_the_minimum(tmp_path, capsys):
+    """A typed API error reaches the user as one line on stderr and exit code 2, no traceback."""
+    code = main(["optimize", "factories:mlp_with_data", "--target-memory", "16", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "InfeasibleBudgetError" in err and "raise target_memory to at least" in err
+    assert "Traceback" not in err
