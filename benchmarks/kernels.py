@@ -454,6 +454,11 @@ def _bench_graph(fn, calls: int = 10, reps: int = 20) -> float:
     with torch.cuda.graph(graph):
         for _ in range(calls):
             fn()
+    return _replay_ms(graph, calls, reps)
+
+
+def _replay_ms(graph, calls: int, reps: int) -> float:
+    """Median milliseconds per call over ``reps`` replays of ``graph`` (``calls`` calls each)."""
     graph.replay()
     torch.cuda.synchronize()
     times = []
@@ -498,21 +503,9 @@ def _cold(make, calls: int = 24, reps: int = 15) -> float:
     with torch.cuda.graph(graph):
         for i in range(calls):
             fns[i % copies]()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = (
-            torch.cuda.Event(enable_timing=True),
-            torch.cuda.Event(enable_timing=True),
-        )
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
+    ms = _replay_ms(graph, calls, reps)
     del graph, fns
-    return sorted(times)[len(times) // 2]
+    return ms
 
 
 def _nbytes(*tensors) -> int:
