@@ -485,7 +485,6 @@ def quant_linear(
     aux=(),
     *,
     wrap=None,
-    variant: str = "v2",
 ) -> torch.Tensor:
     """Launch the dequant GEMV (``M ≤ GEMV_MAX_M``) or GEMM kernel.
 
@@ -499,8 +498,6 @@ def quant_linear(
         epilogue, aux: the fused epilogue and its auxiliary tensors (output-shaped).
         wrap: ``torch.library.wrap_triton`` inside a ``triton_op`` (used while tracing; real
             tensors launch directly).
-        variant: ``"v2"`` (the kernels here) or ``"v1"`` (the first version, kept for the
-            benchmark's side-by-side column; :mod:`codegen.kernels.dequant_v1`).
     """
     f = QuantFormat.parse(fmt)
     eager = (
@@ -555,7 +552,7 @@ def quant_linear(
         HAS_LR=down is not None, R_PAD=next_pow2(max(16, r)), **dot_flags(x.dtype),
     )  # fmt: skip
     gemv = m <= GEMV_MAX_M
-    kernel = _kernel(gemv, ep, variant)
+    kernel = _kernel(gemv, ep)
     if gemv:
         grid = lambda meta: (-(-n // meta["BN"]), m)
     else:
@@ -568,16 +565,11 @@ def quant_linear(
 _KERNELS: dict[tuple, object] = {}
 
 
-def _kernel(gemv: bool, ep: Epilogue, variant: str):
-    """The built kernel, cached per (path, epilogue, variant, tuning switch): no rebuild lookups per launch."""
-    key = (gemv, ep, variant, os.environ.get("DECOMP_AUTOTUNE", "1"))
+def _kernel(gemv: bool, ep: Epilogue):
+    """The built kernel, cached per (path, epilogue, tuning switch): no rebuild lookups per launch."""
+    key = (gemv, ep, os.environ.get("DECOMP_AUTOTUNE", "1"))
     k = _KERNELS.get(key)
     if k is None:
-        if variant == "v1":
-            from codegen.kernels import dequant_v1
-
-            k = (dequant_v1.gemv_kernel if gemv else dequant_v1.gemm_kernel)(ep)
-        else:
-            k = (gemv_kernel if gemv else gemm_kernel)(ep)
+        k = (gemv_kernel if gemv else gemm_kernel)(ep)
         _KERNELS[key] = k
     return k

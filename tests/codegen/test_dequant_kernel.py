@@ -81,22 +81,18 @@ def test_matches_reference(device, close_to_truth, config, dtype, rows):
     [Int8Config(), IntNConfig(4, 32), IntNConfig(3, 64), NF4Config(128, True)],
     ids=lambda c: c.describe(),
 )
-@pytest.mark.parametrize("variant", ["v2", "v1"])
-def test_long_rows_accumulate_over_several_k_steps(
-    device, close_to_truth, config, variant
-):
-    # 1100 columns: GEMV steps of 512 (v2) / 128 (v1) codes, the last one ragged; v1 is the
-    # benchmark's side-by-side kernel and must stay correct too
+def test_long_rows_accumulate_over_several_k_steps(device, close_to_truth, config):
+    # 1100 columns: GEMV steps of 512 codes, the last one ragged
     out_f, inn = 24, 1100
     pw = _packed(config, out_f, inn, torch.float16, device)
     codes, constants, spec = _buffers(pw)
     x = torch.randn(1, inn, generator=torch.Generator().manual_seed(2)).to(
         device=device, dtype=torch.float16
     )
-    out = D.quant_linear(x, codes, constants, spec, inn, variant=variant)
+    out = D.quant_linear(x, codes, constants, spec, inn)
     ref = D.quant_linear_ref(x, codes, constants, spec, inn)
     truth = D.quant_linear_ref(x.double(), codes, constants, spec, inn)
-    close_to_truth(out, ref, truth, f"{spec} {variant} m=1 k={inn}")
+    close_to_truth(out, ref, truth, f"{spec} m=1 k={inn}")
 
 
 def test_unused_pointers_are_shared_only_for_real_tensors():
