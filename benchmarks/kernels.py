@@ -907,7 +907,36 @@ def _decode_timer(model, compile_kwargs, prompt: int, steps: int, device):
             out.append(tok)
             pos = pos + 1
         sync()
-        return (time.time() - t0) / steps, first, torch.cat(out, 1)
+        per_token = (time.time() - t0) / steps
+        profile = _kernel_profile(
+            lambda: fwd(
+                input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True
+            ),
+            device,
+        )
+        return per_token, first, torch.cat(out, 1), profile
+
+
+def _kernel_profile(step, device, top: int = 8) -> str:
+    """Kernels one decode step launches (count, device time, the costliest), to see where a
+    compiled model's time goes. On CPU: the top operators by CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with torch.no_grad(), profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if (e.device_type.name == "CUDA") == cuda]
+    attr = "device_time_total" if cuda else "self_cpu_time_total"
+    events.sort(key=lambda e: -getattr(e, attr, 0.0))
+    total = sum(getattr(e, attr, 0.0) for e in events)
+    calls = sum(e.count for e in events)
+    head = ", ".join(
+        f"{e.key[:48]} ×{e.count} {getattr(e, attr, 0.0):.0f} µs" for e in events[:top]
+    )
+    return f"{calls} {'kernels' if cuda else 'ops'}, {total:.0f} µs; top: {head}"
 
 
 def bench_e2e(device, layers: int | None = None, steps: int = 64):
@@ -967,6 +996,9 @@ def bench_e2e(device, layers: int | None = None, steps: int = 64):
             )
             _print_row(name, how, f"{res[0] * 1e3:.2f}", f"{1 / res[0]:.0f}", ratio, f"{res[1]:.1f}",
                        f"{mb['dense' if base is None else 'int4']:.1f}")  # fmt: skip
+        for name, res in (("dense fp16", d), ("int4 g32 layers", q)):
+            if res is not None:
+                print(f"  one step of {name}, {label}: {res[3]}", flush=True)
 
 
 # ---- main ------------------------------------------------------------------------------------
