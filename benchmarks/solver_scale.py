@@ -20,10 +20,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cost_model import solver  # noqa: E402  (path set up above for running as a script)
-from cost_model.solver import Option, solve  # noqa: E402
+from cost_model import solver
+from cost_model.solver import Option, solve
 
-__all__ = ["make_instance", "main"]
+__all__ = ["main", "make_instance"]
 
 _BYTES_PER_ELEMENT = 2  # fp16 factors
 _TILE = 16  # tensor-core tile: latency rises in steps of 16 ranks

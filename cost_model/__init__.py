@@ -3,7 +3,13 @@
 The solver lives in ``cost_model.solver`` and imports OR-Tools only when called.
 """
 
-from cost_model.calibration import CalibrationError, SiteStats, check_calibration, collect_statistics
+from cost_model.calibration import (
+    CalibrationError,
+    SiteStats,
+    check_calibration,
+    collect_statistics,
+)
+from cost_model.error import perturbation_error
 from cost_model.latency import (
     PROFILES,
     DeviceProfile,
@@ -13,23 +19,22 @@ from cost_model.latency import (
     matmul_cost,
     roofline_seconds,
 )
-from cost_model.error import perturbation_error
 from cost_model.memory import dtype_size, format_bytes, stored_bytes
 
 __all__ = [
+    "PROFILES",
     "CalibrationError",
+    "DeviceProfile",
+    "MatmulCost",
     "SiteStats",
     "check_calibration",
     "collect_statistics",
-    "PROFILES",
-    "DeviceProfile",
-    "MatmulCost",
-    "get_profile",
-    "matmul_cost",
-    "roofline_seconds",
     "dense_cost",
     "dtype_size",
     "format_bytes",
-    "stored_bytes",
+    "get_profile",
+    "matmul_cost",
     "perturbation_error",
+    "roofline_seconds",
+    "stored_bytes",
 ]

@@ -15,7 +15,7 @@ import torch
 
 from ir import UseKind, WeightSite
 
-__all__ = ["DeviceProfile", "PROFILES", "get_profile", "MatmulCost", "matmul_cost", "roofline_seconds", "dense_cost"]
+__all__ = ["PROFILES", "DeviceProfile", "MatmulCost", "dense_cost", "get_profile", "matmul_cost", "roofline_seconds"]
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["stored_bytes", "format_bytes", "dtype_size"]
+__all__ = ["dtype_size", "format_bytes", "stored_bytes"]
 
 
 def dtype_size(dtype: torch.dtype) -> int:

@@ -50,7 +50,7 @@ import numpy as np
 
 from cost_model.greedy import Problem, greedy_choice, local_objective
 
-__all__ = ["Option", "Solution", "InfeasibleBudgetError", "solve", "solve_brute_force"]
+__all__ = ["InfeasibleBudgetError", "Option", "Solution", "solve", "solve_brute_force"]
 
 # Integer units that the summed per-node error ranges map to (see the module docstring).
 _OBJECTIVE_SCALE_TARGET = 1e12

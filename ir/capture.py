@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CaptureError", "split_inputs", "capture"]
+__all__ = ["CaptureError", "capture", "split_inputs"]
 
 
 class CaptureError(RuntimeError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import networkx as nx
 import torch
 
-__all__ = ["to_networkx", "shared_input_groups"]
+__all__ = ["shared_input_groups", "to_networkx"]
 
 
 def to_networkx(graph: torch.fx.Graph) -> nx.DiGraph:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ir.graph import to_networkx
 
-__all__ = ["UseKind", "WeightUse", "WeightSite", "SkippedParameter", "find_weight_sites", "sites_from_modules"]
+__all__ = ["SkippedParameter", "UseKind", "WeightSite", "WeightUse", "find_weight_sites", "sites_from_modules"]
 
 aten = torch.ops.aten
 
@@ -116,7 +116,7 @@ class SkippedParameter:
 
 def _kind_of(node: torch.fx.Node, placeholder: str) -> UseKind | None:
     args = node.args
-    name_at = lambda i: getattr(args[i], "name", None) if len(args) > i else None  # noqa: E731
+    name_at = lambda i: getattr(args[i], "name", None) if len(args) > i else None
     if node.target == aten.linear.default and name_at(1) == placeholder:
         return UseKind.LINEAR
     if node.target == aten.addmm.default and name_at(2) == placeholder:

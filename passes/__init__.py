@@ -13,45 +13,52 @@ Importing this package pulls in torch, networkx and tqdm only: no triton, OR-Too
 transformers, and it does not touch CUDA.
 """
 
+from passes.blockdiag import BlockDiagConfig
 from passes.config import KeepConfig, TransformConfig
-from passes.lowrank import LowRankConfig
-from passes.lq import LQConfig
-from passes.quant_storage import Int8Config, IntNConfig, NF4Config
+from passes.export import OnnxExportError, export_onnx
 from passes.gptq import GPTQConfig
 from passes.int8_outlier import Int8OutlierConfig
-from passes.monarch import MonarchConfig
 from passes.kronecker import KroneckerConfig
-from passes.blockdiag import BlockDiagConfig
-from passes.pipeline import DEFAULT_TRANSFORMS, RewriteError, apply, load, optimize, save
-from passes.export import OnnxExportError, export_onnx
+from passes.lowrank import LowRankConfig
+from passes.lq import LQConfig
+from passes.monarch import MonarchConfig
+from passes.pipeline import (
+    DEFAULT_TRANSFORMS,
+    RewriteError,
+    apply,
+    load,
+    optimize,
+    save,
+)
 from passes.plan import Plan
+from passes.quant_storage import Int8Config, IntNConfig, NF4Config
 from passes.reparametrize import reparametrize
 from passes.report import Report
 from passes.transform import TRANSFORMS
 
 __all__ = [
-    "optimize",
-    "apply",
-    "save",
-    "load",
-    "export_onnx",
+    "DEFAULT_TRANSFORMS",
+    "TRANSFORMS",
+    "BlockDiagConfig",
+    "GPTQConfig",
+    "Int8Config",
+    "Int8OutlierConfig",
+    "IntNConfig",
+    "KeepConfig",
+    "KroneckerConfig",
+    "LQConfig",
+    "LowRankConfig",
+    "MonarchConfig",
+    "NF4Config",
     "OnnxExportError",
     "Plan",
     "Report",
-    "TransformConfig",
-    "KeepConfig",
-    "LowRankConfig",
-    "Int8Config",
-    "IntNConfig",
-    "NF4Config",
-    "GPTQConfig",
-    "Int8OutlierConfig",
-    "LQConfig",
-    "MonarchConfig",
-    "KroneckerConfig",
-    "BlockDiagConfig",
-    "reparametrize",
-    "DEFAULT_TRANSFORMS",
-    "TRANSFORMS",
     "RewriteError",
+    "TransformConfig",
+    "apply",
+    "export_onnx",
+    "load",
+    "optimize",
+    "reparametrize",
+    "save",
 ]

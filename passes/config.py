@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-__all__ = ["TransformConfig", "KeepConfig", "register_config", "config_to_dict", "config_from_dict"]
+__all__ = ["KeepConfig", "TransformConfig", "config_from_dict", "config_to_dict", "register_config"]
 
 _CONFIG_TYPES: dict[str, type[TransformConfig]] = {}
 

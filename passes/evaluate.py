@@ -13,14 +13,15 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["perplexity", "sentence_embeddings", "embedding_fidelity"]
+__all__ = ["embedding_fidelity", "perplexity", "sentence_embeddings"]
 
 
 @contextlib.contextmanager

@@ -105,7 +105,7 @@ from passes.transform import (
     replace_module,
 )
 
-__all__ = ["LQConfig", "LQLinear", "LQEmbedding", "LQTransform", "Alternation", "candidate_configs", "alternate"]
+__all__ = ["Alternation", "LQConfig", "LQEmbedding", "LQLinear", "LQTransform", "alternate", "candidate_configs"]
 
 #: Ranks offered (those that keep the option smaller than the dense weight).
 RANKS = (8, 16, 32, 64)

@@ -29,19 +29,19 @@ from cost_model import (
     stored_bytes,
 )
 from ir import WeightSite, capture, find_weight_sites, sites_from_modules, split_inputs
-from passes import lowrank as _lowrank  # noqa: F401  (registers the "lowrank" transform)
-from passes import quantize as _quantize  # noqa: F401
-from passes import lq as _lq  # noqa: F401
-from passes import gptq as _gptq  # noqa: F401
-from passes import monarch as _monarch  # noqa: F401
-from passes import kronecker as _kronecker  # noqa: F401
 from passes import blockdiag as _blockdiag  # noqa: F401
+from passes import gptq as _gptq  # noqa: F401
+from passes import kronecker as _kronecker  # noqa: F401
+from passes import lowrank as _lowrank  # noqa: F401  (registers the "lowrank" transform)
+from passes import lq as _lq  # noqa: F401
+from passes import monarch as _monarch  # noqa: F401
+from passes import quantize as _quantize  # noqa: F401
 from passes.config import KeepConfig
 from passes.plan import Plan
 from passes.report import Report, SiteReport
 from passes.transform import Candidate, Workspace, get_transform, transform_for
 
-__all__ = ["DEFAULT_TRANSFORMS", "RewriteError", "optimize", "apply", "save", "load", "resolve_target_memory"]
+__all__ = ["DEFAULT_TRANSFORMS", "RewriteError", "apply", "load", "optimize", "resolve_target_memory", "save"]
 
 DEFAULT_TRANSFORMS: tuple[str, ...] = ("lowrank", "quantize", "lq")
 
@@ -125,7 +125,7 @@ def optimize(
     model: nn.Module,
     example_inputs: Any,
     *,
-    target_memory: float | int,
+    target_memory: float,
     calibration: Iterable[Any] | None = None,
     transforms: Sequence[str] = DEFAULT_TRANSFORMS,
     target_latency: float | None = None,
@@ -263,7 +263,11 @@ def _check_target_latency(target_latency: Any) -> None:
 
 def _solve(options, latency, target_bytes, target_latency, *, fixed_bytes, time_limit_s):
     """One option per site: memory row always, latency row when asked; errors in user terms."""
-    from cost_model.solver import InfeasibleBudgetError, Option, solve  # imports OR-Tools only when it runs
+    from cost_model.solver import (  # imports OR-Tools only when it runs
+        InfeasibleBudgetError,
+        Option,
+        solve,
+    )
 
     latency_dense_ns = sum(lat[0] for lat in latency.values())
     budgets = {"memory": target_bytes}

@@ -25,24 +25,24 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "PACK_BITS",
-    "NF4_CODEBOOK",
     "CONSTANT_BLOCK",
-    "pack",
-    "unpack",
-    "packed_nbytes",
-    "padded_columns",
-    "pad_columns",
-    "group_minmax",
-    "quantize_groups",
-    "dequantize_groups",
-    "quantize_constants",
+    "NF4_CODEBOOK",
+    "PACK_BITS",
     "dequantize_constants",
-    "nf4_absmax",
-    "nf4_quantize",
-    "nf4_dequantize",
+    "dequantize_groups",
+    "group_minmax",
     "int8_rowwise",
     "int8_rowwise_dequantize",
+    "nf4_absmax",
+    "nf4_dequantize",
+    "nf4_quantize",
+    "pack",
+    "packed_nbytes",
+    "pad_columns",
+    "padded_columns",
+    "quantize_constants",
+    "quantize_groups",
+    "unpack",
 ]
 
 #: Code widths :func:`pack` handles.

@@ -27,7 +27,7 @@ from passes import dequant_ops
 from passes import quant_formats as qf
 from passes.config import TransformConfig, register_config
 
-__all__ = ["QuantConfig", "Int8Config", "IntNConfig", "NF4Config", "PackedWeight", "QuantizedLinear", "QuantizedEmbedding", "BITS", "GROUP_SIZES", "Buffers"]
+__all__ = ["BITS", "GROUP_SIZES", "Buffers", "Int8Config", "IntNConfig", "NF4Config", "PackedWeight", "QuantConfig", "QuantizedEmbedding", "QuantizedLinear"]
 
 BITS = (2, 3, 4)
 GROUP_SIZES = (32, 64, 128)

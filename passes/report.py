@@ -8,7 +8,7 @@ from typing import Any
 
 from cost_model import format_bytes
 
-__all__ = ["SiteReport", "Report"]
+__all__ = ["Report", "SiteReport"]
 
 
 @dataclass

@@ -19,14 +19,14 @@ from ir import WeightSite
 from passes.config import TransformConfig
 
 __all__ = [
-    "Candidate",
-    "Workspace",
-    "Transform",
-    "register_transform",
-    "get_transform",
-    "transform_for",
-    "replace_module",
     "TRANSFORMS",
+    "Candidate",
+    "Transform",
+    "Workspace",
+    "get_transform",
+    "register_transform",
+    "replace_module",
+    "transform_for",
 ]
 
 

