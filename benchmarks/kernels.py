@@ -76,9 +76,7 @@ def _late(section: str) -> bool:
     """Past the time budget: say so (once per section) and stop starting rows."""
     if time.time() - START <= BUDGET_S[0]:
         return False
-    print(
-        f"(rest of {section} skipped: past the {BUDGET_S[0]:.0f} s budget)", flush=True
-    )
+    print(f"(rest of {section} skipped: past the {BUDGET_S[0]:.0f} s budget)", flush=True)
     return True
 
 
@@ -92,10 +90,7 @@ def _guard(name: str, fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 — a benchmark reports every case
         FAILURES.append(f"{name}: {type(e).__name__}: {e}")
-        print(
-            f"ERROR {name}: {type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}",
-            flush=True,
-        )
+        print(f"ERROR {name}: {type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}", flush=True)
         traceback.print_exc(limit=3)
         return None
 
@@ -143,26 +138,17 @@ def _verdict(name, out, ref, truth) -> None:
     ok = bool(torch.isfinite(out).all()) and err <= bound
     if not ok:
         FAILURES.append(f"{name}: error {err:.3g} > bound {bound:.3g}")
-    print(
-        f"{'PASS' if ok else 'FAIL'}  {name:58s} max|err| {err:.3g}  (eager torch {eager:.3g}, bound {bound:.3g})",
-        flush=True,
-    )
+    print(f"{'PASS' if ok else 'FAIL'}  {name:58s} max|err| {err:.3g}  (eager torch {eager:.3g}, bound {bound:.3g})", flush=True)
 
 
 def check_lowrank(device):
     from codegen.kernels import lowrank as K
 
     g = torch.Generator().manual_seed(0)
-    shapes = (
-        (1, 576, 64, 1536, ""),
-        (37, 70, 5, 45, ""),
-        (300, 576, 72, 1536, "silu,mul"),
-    )
+    shapes = ((1, 576, 64, 1536, ""), (37, 70, 5, 45, ""), (300, 576, 72, 1536, "silu,mul"))
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for m, k, r, n, ep in shapes if dtype == torch.float16 else shapes[1:]:
-            x, down, up, bias = (
-                torch.randn(*s, generator=g) for s in ((m, k), (r, k), (n, r), (n,))
-            )
+            x, down, up, bias = (torch.randn(*s, generator=g) for s in ((m, k), (r, k), (n, r), (n,)))
             down, up = down / k**0.5, up / r**0.5
             aux = [torch.randn(m, n, generator=g)] if ep else []
             args = [t.to(device, dtype) for t in (x, down, up, bias)]
@@ -171,12 +157,7 @@ def check_lowrank(device):
             ref = K.lowrank_linear_ref(*args, ep, auxd)
             truth = K.lowrank_linear_ref(*[t.to(device, torch.float64) for t in (x, down, up, bias)], ep,
                                          [a.to(device, torch.float64) for a in aux])  # fmt: skip
-            _verdict(
-                f"lowrank {str(dtype)[6:]} {m}x{k}x{r}x{n} {ep or 'bias'}",
-                out,
-                ref,
-                truth,
-            )
+            _verdict(f"lowrank {str(dtype)[6:]} {m}x{k}x{r}x{n} {ep or 'bias'}", out, ref, truth)
 
 
 def check_dequant(device):
@@ -184,17 +165,7 @@ def check_dequant(device):
 
     g = torch.Generator().manual_seed(1)
     cases = [
-        (f, torch.float16)
-        for f in (
-            "int8",
-            "int4g32",
-            "int4g128dq",
-            "int3g64",
-            "int2g128",
-            "nf4g64",
-            "nf4g32dq",
-            "int3g32dq",
-        )
+        (f, torch.float16) for f in ("int8", "int4g32", "int4g128dq", "int3g64", "int2g128", "nf4g64", "nf4g32dq", "int3g32dq")
     ]
     cases += [("int4g32", torch.bfloat16), ("int4g32", torch.float32)]
     out_f, inn = 1536, 576 + 70  # ragged against every group size
@@ -206,43 +177,18 @@ def check_dequant(device):
             bias = torch.randn(out_f, generator=g).to(device, dtype)
             out = D.quant_linear(x, codes, constants, fmt, inn, bias)
             ref = D.quant_linear_ref(x, codes, constants, fmt, inn, bias)
-            truth = D.quant_linear_ref(
-                x.double(), codes, constants, fmt, inn, bias.double()
-            )
-            _verdict(
-                f"dequant {fmt} {str(dtype)[6:]} m={m} ({'gemv' if m <= D.GEMV_MAX_M else 'gemm'})",
-                out,
-                ref,
-                truth,
-            )
+            truth = D.quant_linear_ref(x.double(), codes, constants, fmt, inn, bias.double())
+            _verdict(f"dequant {fmt} {str(dtype)[6:]} m={m} ({'gemv' if m <= D.GEMV_MAX_M else 'gemm'})", out, ref, truth)
     # LQ: int3 + rank-16 term, SwiGLU epilogue
     pw, _ = _packed(_format("int3g64"), 576, 1536, torch.float16, device)
     codes, constants, fmt = _buffers(pw)
     for m in (1, 64):
-        x, down, up, aux = (
-            torch.randn(*s, generator=g)
-            for s in ((m, 1536), (16, 1536), (576, 16), (m, 576))
-        )
-        x, down, up, aux = (
-            t.to(device, torch.float16) for t in (x, down / 40, up / 4, aux)
-        )
-        out = D.quant_linear(
-            x, codes, constants, fmt, 1536, None, down, up, "silu,mul", [aux]
-        )
-        ref = D.quant_linear_ref(
-            x, codes, constants, fmt, 1536, None, down, up, "silu,mul", [aux]
-        )
+        x, down, up, aux = (torch.randn(*s, generator=g) for s in ((m, 1536), (16, 1536), (576, 16), (m, 576)))
+        x, down, up, aux = (t.to(device, torch.float16) for t in (x, down / 40, up / 4, aux))
+        out = D.quant_linear(x, codes, constants, fmt, 1536, None, down, up, "silu,mul", [aux])
+        ref = D.quant_linear_ref(x, codes, constants, fmt, 1536, None, down, up, "silu,mul", [aux])
         truth = D.quant_linear_ref(
-            x.double(),
-            codes,
-            constants,
-            fmt,
-            1536,
-            None,
-            down.double(),
-            up.double(),
-            "silu,mul",
-            [aux.double()],
+            x.double(), codes, constants, fmt, 1536, None, down.double(), up.double(), "silu,mul", [aux.double()]
         )
         _verdict(f"dequant LQ int3g64+r16 fp16 m={m} silu,mul", out, ref, truth)
 
@@ -253,28 +199,15 @@ def check_monarch(device):
     g = torch.Generator().manual_seed(2)
     shapes = [(1, 1024, 1024, 32, 1), (64, 70, 45, 4, 2)]
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for m, inn, out, b, k in (
-            shapes + [(256, 4096, 4096, 64, 1)]
-            if dtype == torch.float16
-            else shapes[1:]
-        ):
+        for m, inn, out, b, k in shapes + [(256, 4096, 4096, 64, 1)] if dtype == torch.float16 else shapes[1:]:
             p, s = -(-inn // b), -(-out // b)
-            L, R = (
-                torch.randn(b, s, b * k, generator=g) / (b * k) ** 0.5,
-                torch.randn(b, k * b, p, generator=g) / p**0.5,
-            )
+            L, R = (torch.randn(b, s, b * k, generator=g) / (b * k) ** 0.5, torch.randn(b, k * b, p, generator=g) / p**0.5)
             x, bias = torch.randn(m, inn, generator=g), torch.randn(out, generator=g)
             args = [t.to(device, dtype) for t in (x, L, R)]
             y = K.monarch_linear(*args, out, bias.to(device, dtype))
             ref = K.monarch_linear_ref(*args, out, bias.to(device, dtype))
-            truth = K.monarch_linear_ref(
-                *[t.to(device, torch.float64) for t in (x, L, R)],
-                out,
-                bias.to(device, torch.float64),
-            )
-            _verdict(
-                f"monarch {str(dtype)[6:]} {m}x{inn}->{out} b={b} k={k}", y, ref, truth
-            )
+            truth = K.monarch_linear_ref(*[t.to(device, torch.float64) for t in (x, L, R)], out, bias.to(device, torch.float64))
+            _verdict(f"monarch {str(dtype)[6:]} {m}x{inn}->{out} b={b} k={k}", y, ref, truth)
 
 
 def _swiglu_block(d, hidden, device, dtype, rank=None, spec="int4g32"):
@@ -290,20 +223,14 @@ def _swiglu_block(d, hidden, device, dtype, rank=None, spec="int4g32"):
                              nn.Parameter(torch.randn(o, rank, generator=g) / rank**0.5), None)  # fmt: skip
 
     def quant(o, i, seed):
-        return QuantizedLinear(
-            _packed(_format(spec), o, i, dtype, "cpu", seed)[0], None
-        )
+        return QuantizedLinear(_packed(_format(spec), o, i, dtype, "cpu", seed)[0], None)
 
     make = lowrank if rank else quant
 
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
-            self.gate, self.up, self.down = (
-                make(hidden, d, 1),
-                make(hidden, d, 2),
-                make(d, hidden, 3),
-            )
+            self.gate, self.up, self.down = (make(hidden, d, 1), make(hidden, d, 2), make(d, hidden, 3))
 
         def forward(self, x):
             return x + self.down(F.silu(self.gate(x)) * self.up(x))
@@ -337,9 +264,7 @@ def check_modules_and_compile(device, blocks=("int4g32", "lowrank r64")):
         with torch.no_grad():
             with dispatch.force_kernels(False):
                 eager = block(x)
-                truth = copy.deepcopy(block).float()(
-                    x.float()
-                )  # packed codes stay; they dequantize to fp32
+                truth = copy.deepcopy(block).float()(x.float())  # packed codes stay; they dequantize to fp32
             calls = _count_op_calls()
             with calls:
                 kernels = block(x)  # CUDA input: the modules call the kernels
@@ -347,20 +272,12 @@ def check_modules_and_compile(device, blocks=("int4g32", "lowrank r64")):
             print(f"      module hooks called the decomp ops {calls.n} time(s) (expected 3); "
                   f"use_kernels(x) = {dispatch.use_kernels(x)}", flush=True)  # fmt: skip
             if calls.n != 3:
-                FAILURES.append(
-                    f"modules {label}: the hooks called the ops {calls.n} times, expected 3"
-                )
+                FAILURES.append(f"modules {label}: the hooks called the ops {calls.n} times, expected 3")
             reports, graphs = [], []
             real = codegen.fusion.fuse_epilogues
 
             def spy(gm, _r=real, graphs=graphs, reports=reports, **kw):
-                graphs.append(
-                    [
-                        f"{n.op}:{n.target}"
-                        for n in gm.graph.nodes
-                        if n.op.startswith("call")
-                    ]
-                )
+                graphs.append([f"{n.op}:{n.target}" for n in gm.graph.nodes if n.op.startswith("call")])
                 reports.append(_r(gm, **kw))
                 return reports[-1]
 
@@ -374,25 +291,11 @@ def check_modules_and_compile(device, blocks=("int4g32", "lowrank r64")):
             finally:
                 codegen.fusion.fuse_epilogues = real
             fused = reports[0] if reports else None
-            _verdict(
-                f"compile(backend='decomp') {label} block ({seconds:.0f} s compile)",
-                compiled,
-                eager,
-                truth,
-            )
-            print(
-                f"      fusion: {fused}"
-                if fused
-                else "      fusion: did not run (no CUDA inputs?)",
-                flush=True,
-            )
+            _verdict(f"compile(backend='decomp') {label} block ({seconds:.0f} s compile)", compiled, eager, truth)
+            print(f"      fusion: {fused}" if fused else "      fusion: did not run (no CUDA inputs?)", flush=True)
             if not fused or fused.kernels_removed != 3:
-                FAILURES.append(
-                    f"compile {label}: expected 3 fused elementwise steps, got {fused}"
-                )
-                for i, nodes in enumerate(
-                    graphs
-                ):  # what the backend saw, to see why nothing matched
+                FAILURES.append(f"compile {label}: expected 3 fused elementwise steps, got {fused}")
+                for i, nodes in enumerate(graphs):  # what the backend saw, to see why nothing matched
                     print(f"      graph {i}: {nodes}"[:3000], flush=True)
 
 
@@ -463,10 +366,7 @@ def _replay_ms(graph, calls: int, reps: int) -> float:
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
-        start, end = (
-            torch.cuda.Event(enable_timing=True),
-            torch.cuda.Event(enable_timing=True),
-        )
+        start, end = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         start.record()
         graph.replay()
         end.record()
@@ -487,9 +387,7 @@ def _cold(make, calls: int = 24, reps: int = 15) -> float:
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
     copies = max(1, min(64, -(-2 * l2 // max(1, nbytes))))
     fns = [fn0] + [make(i)[0] for i in range(1, copies)]
-    for (
-        fn
-    ) in fns:  # tunes (the first call of a shape class) and compiles before capture
+    for fn in fns:  # tunes (the first call of a shape class) and compiles before capture
         fn()
     torch.cuda.synchronize()
     calls = max(calls, copies)
@@ -509,9 +407,7 @@ def _cold(make, calls: int = 24, reps: int = 15) -> float:
 
 
 def _nbytes(*tensors) -> int:
-    return sum(
-        t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)
-    )
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def _row(case, base_name, base_ms, ours_name, ours_ms, target=None, *extra) -> None:
@@ -524,9 +420,7 @@ def _row(case, base_name, base_ms, ours_name, ours_ms, target=None, *extra) -> N
 def bench_lowrank(device, dtype):
     from codegen.kernels import lowrank as K
 
-    print(
-        "\n### Fused low-rank vs two torch matmuls (fp16; CUDA graph, cold operands)\n"
-    )
+    print("\n### Fused low-rank vs two torch matmuls (fp16; CUDA graph, cold operands)\n")
     _print_row(
         "M × in → out, rank",
         "two matmuls",
@@ -556,52 +450,31 @@ def bench_lowrank(device, dtype):
 
         def make_dense(i, m=m, k=k, n=n):
             x = torch.randn(m, k, device=device, dtype=dtype)
-            w, bias = (
-                torch.randn(n, k, device=device, dtype=dtype),
-                torch.randn(n, device=device, dtype=dtype),
-            )
+            w, bias = (torch.randn(n, k, device=device, dtype=dtype), torch.randn(n, device=device, dtype=dtype))
             return (lambda: F.linear(x, w, bias)), _nbytes(x, w, bias)
 
-        base = _cold(
-            functools.partial(make, fn=K.lowrank_linear_ref)
-        )  # F.linear(F.linear(x, down), up, bias)
+        base = _cold(functools.partial(make, fn=K.lowrank_linear_ref))  # F.linear(F.linear(x, down), up, bias)
         ours = _cold(functools.partial(make, fn=K.lowrank_linear))
         dense = _cold(make_dense)
         eager = _bench(K.lowrank_linear, *operands(0))
         target = 1.3 if (r <= k // 8 or r <= n // 8) and m >= 512 else None
-        _row(
-            f"{m} × {k} → {n}, r={r}",
-            "",
-            base,
-            "",
-            ours,
-            target,
-            f"{dense * 1e3:.1f} µs",
-            f"{eager * 1e3:.1f} µs",
-        )
+        _row(f"{m} × {k} → {n}, r={r}", "", base, "", ours, target, f"{dense * 1e3:.1f} µs", f"{eager * 1e3:.1f} µs")
 
 
 def bench_dequant(device, dtype):
     from codegen.kernels import dequant as D
 
     def make_dense(i, m, n, k):
-        x, w = (
-            torch.randn(m, k, device=device, dtype=dtype),
-            torch.randn(n, k, device=device, dtype=dtype),
-        )
+        x, w = (torch.randn(m, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype))
         return (lambda: F.linear(x, w)), _nbytes(x, w)
 
     def make_quant(i, m, n, k, spec, **kw):
         pw, _ = _packed(_format(spec), n, k, dtype, device, seed=i)
         codes, constants, fmt = _buffers(pw)
         x = torch.randn(m, k, device=device, dtype=dtype)
-        return (lambda: D.quant_linear(x, codes, constants, fmt, k, **kw)), _nbytes(
-            x, codes, *constants
-        )
+        return (lambda: D.quant_linear(x, codes, constants, fmt, k, **kw)), _nbytes(x, codes, *constants)
 
-    print(
-        "\n### Dequant-GEMV at batch 1 vs the fp16 dense matmul (CUDA graph, cold weights)\n"
-    )
+    print("\n### Dequant-GEMV at batch 1 vs the fp16 dense matmul (CUDA graph, cold weights)\n")
     _print_row("out × in", "format", "fp16 F.linear", "kernel", "speedup", "target", "met", "weight bytes fp16/packed",
                "HBM GB/s (kernel)", "kernel eager (do_bench)")  # fmt: skip
     _print_row(*["---"] * 10)
@@ -622,9 +495,7 @@ def bench_dequant(device, dtype):
             _print_row(f"{n} × {k}", fmt, f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{ratio:.2f}×",
                        f"≥ {target}×" if target else "—", met, f"{n * k * 2 / packed_bytes:.2f}×",
                        f"{packed_bytes / (ours * 1e-3) / 1e9:.0f}", f"{eager * 1e3:.1f} µs")  # fmt: skip
-    print(
-        "\n### Dequant-GEMM at prefill vs the fp16 dense matmul (CUDA graph, cold weights)\n"
-    )
+    print("\n### Dequant-GEMM at prefill vs the fp16 dense matmul (CUDA graph, cold weights)\n")
     _print_row("M × in → out", "format", "fp16 F.linear", "kernel", "speedup")
     _print_row(*["---"] * 5)
     for m, n, k in GEMM_SHAPES:
@@ -632,21 +503,13 @@ def bench_dequant(device, dtype):
             break
         dense = _cold(functools.partial(make_dense, m=m, n=n, k=k))
         ours = _cold(functools.partial(make_quant, m=m, n=n, k=k, spec="int4g128"))
-        _print_row(
-            f"{m} × {k} → {n}",
-            "int4g128",
-            f"{dense * 1e3:.1f} µs",
-            f"{ours * 1e3:.1f} µs",
-            f"{dense / ours:.2f}×",
-        )
+        _print_row(f"{m} × {k} → {n}", "int4g128", f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{dense / ours:.2f}×")
 
 
 def bench_monarch(device, dtype):
     from codegen.kernels import monarch as K
 
-    print(
-        "\n### Monarch (two fused block-diagonal stages) vs dense (CUDA graph, cold operands)\n"
-    )
+    print("\n### Monarch (two fused block-diagonal stages) vs dense (CUDA graph, cold operands)\n")
     _print_row(
         "M × n",
         "blocks, rank",
@@ -663,36 +526,26 @@ def bench_monarch(device, dtype):
         p = n // b
 
         def factors(n=n, b=b, p=p):
-            return torch.randn(
-                b, p, b, device=device, dtype=dtype
-            ) / b**0.5, torch.randn(b, b, p, device=device, dtype=dtype) / p**0.5
+            return torch.randn(b, p, b, device=device, dtype=dtype) / b**0.5, torch.randn(
+                b, b, p, device=device, dtype=dtype
+            ) / p**0.5
 
         for m in MONARCH_ROWS:
             if _late("Monarch"):
                 return
 
             def make_dense(i, m=m, n=n):
-                x, w = (
-                    torch.randn(m, n, device=device, dtype=dtype),
-                    torch.randn(n, n, device=device, dtype=dtype),
-                )
+                x, w = (torch.randn(m, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype))
                 return (lambda: F.linear(x, w)), _nbytes(x, w)
 
             def make(i, fn, m=m, n=n):
                 x, (L, R) = torch.randn(m, n, device=device, dtype=dtype), factors()
-                return (lambda: fn(x, L, R, n)), _nbytes(
-                    x, L, R
-                ) + m * n * x.element_size()
+                return (lambda: fn(x, L, R, n)), _nbytes(x, L, R) + m * n * x.element_size()
 
             dense = _cold(make_dense)
             ours = _cold(functools.partial(make, fn=K.monarch_linear))
             ref = _cold(functools.partial(make, fn=K.monarch_linear_ref))
-            eager = _bench(
-                K.monarch_linear,
-                torch.randn(m, n, device=device, dtype=dtype),
-                *factors(),
-                n,
-            )
+            eager = _bench(K.monarch_linear, torch.randn(m, n, device=device, dtype=dtype), *factors(), n)
             ratio = dense / ours
             _print_row(f"{m} × {n}", f"{b}, 1", f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{ratio:.2f}×", "≥ 3×",
                        "yes" if ratio >= 3 else "no", f"{ref * 1e3:.1f} µs", f"{eager * 1e3:.1f} µs")  # fmt: skip
@@ -716,19 +569,14 @@ def _proxy_layers(kind, device, dtype, layers, rank=64, spec="int4g32"):
             seed = 100 * i + j
             if kind == "dense":
                 lin = nn.Linear(k, o, bias=False)
-                lin.weight.data = (
-                    torch.randn(o, k, generator=torch.Generator().manual_seed(seed))
-                    / k**0.5
-                )
+                lin.weight.data = torch.randn(o, k, generator=torch.Generator().manual_seed(seed)) / k**0.5
                 mods[name] = lin
             elif kind == "lowrank":
                 g = torch.Generator().manual_seed(seed)
                 mods[name] = LowRankLinear(nn.Parameter(torch.randn(rank, k, generator=g) / k**0.5),
                                            nn.Parameter(torch.randn(o, rank, generator=g) / rank**0.5), None)  # fmt: skip
             else:
-                mods[name] = QuantizedLinear(
-                    _packed(_format(spec), o, k, dtype, "cpu", seed)[0], None
-                )
+                mods[name] = QuantizedLinear(_packed(_format(spec), o, k, dtype, "cpu", seed)[0], None)
         out.append(nn.ModuleDict(mods).to(device=device, dtype=dtype).eval())
     return out
 
@@ -743,16 +591,10 @@ def _proxy_step(layers, fused: bool):
             m["k"](h)
             m["v"](h)
             if fused and hasattr(m["o"], "packed"):
-                h = dispatch.quant_linear(
-                    q, m["o"].packed, None, epilogue="add", aux=[h]
-                )
+                h = dispatch.quant_linear(q, m["o"].packed, None, epilogue="add", aux=[h])
                 u = m["up"](h)
-                a = dispatch.quant_linear(
-                    h, m["gate"].packed, None, epilogue="silu,mul", aux=[u]
-                )
-                h = dispatch.quant_linear(
-                    a, m["down"].packed, None, epilogue="add", aux=[h]
-                )
+                a = dispatch.quant_linear(h, m["gate"].packed, None, epilogue="silu,mul", aux=[u])
+                h = dispatch.quant_linear(a, m["down"].packed, None, epilogue="add", aux=[h])
             else:
                 h = h + m["o"](q)
                 h = h + m["down"](F.silu(m["gate"](h)) * m["up"](h))
@@ -770,9 +612,7 @@ def bench_decode_proxy(device, dtype, n_layers, kernel_variants: bool | None = N
         f"\n### Decode proxy: {n_layers} SmolLM2-shaped layers of projections, batch 1 ({'CUDA' if cuda else 'CPU reference paths'})\n"
     )
     cols = (
-        ["variant", "eager ms/token", "tokens/s"]
-        + (["CUDA graph ms/token", "tokens/s (graph)"] if cuda else [])
-        + ["weight MB"]
+        ["variant", "eager ms/token", "tokens/s"] + (["CUDA graph ms/token", "tokens/s (graph)"] if cuda else []) + ["weight MB"]
     )
     _print_row(*cols)
     _print_row(*["---"] * len(cols))
@@ -791,14 +631,7 @@ def bench_decode_proxy(device, dtype, n_layers, kernel_variants: bool | None = N
         if _late("decode proxy"):
             break
         layers = _proxy_layers(kind, device, dtype, n_layers)
-        mb = (
-            sum(
-                t.numel() * t.element_size()
-                for m in layers
-                for t in list(m.parameters()) + list(m.buffers())
-            )
-            / 2**20
-        )
+        mb = sum(t.numel() * t.element_size() for m in layers for t in list(m.parameters()) + list(m.buffers())) / 2**20
         step = _proxy_step(layers, fused)
 
         def run(step=step):
@@ -810,10 +643,7 @@ def bench_decode_proxy(device, dtype, n_layers, kernel_variants: bool | None = N
             graph = _guard(f"graph {label}", _bench_graph, run, 5, 10) if cuda else None
         cells = [label, f"{eager:.3f}", f"{1e3 / eager:.0f}"]
         if cuda:
-            cells += [
-                f"{graph:.3f}" if graph else "—",
-                f"{1e3 / graph:.0f}" if graph else "—",
-            ]
+            cells += [f"{graph:.3f}" if graph else "—", f"{1e3 / graph:.0f}" if graph else "—"]
         _print_row(*cells, f"{mb:.1f}")
         del layers
 
@@ -857,9 +687,7 @@ def _e2e_models(device, layers: int | None = None):
 
     import passes
 
-    cfg = dict(
-        SMOLLM2_CONFIG, num_hidden_layers=layers or SMOLLM2_CONFIG["num_hidden_layers"]
-    )
+    cfg = dict(SMOLLM2_CONFIG, num_hidden_layers=layers or SMOLLM2_CONFIG["num_hidden_layers"])
     torch.manual_seed(0)
     dense = LlamaForCausalLM(LlamaConfig(**cfg)).to(dtype=torch.float16).eval()
     names = [n for n, p in dense.named_parameters() if p.dim() == 2 and ".layers." in n]
@@ -874,25 +702,16 @@ def _decode_timer(model, compile_kwargs, prompt: int, steps: int, device):
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 8)
-    fwd = (
-        torch.compile(model, **compile_kwargs) if compile_kwargs is not None else model
-    )
+    fwd = torch.compile(model, **compile_kwargs) if compile_kwargs is not None else model
     ids = torch.arange(1, prompt + 1, device=device)[None] % model.config.vocab_size
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with torch.no_grad():
-        model(
-            input_ids=ids,
-            past_key_values=cache,
-            cache_position=torch.arange(prompt, device=device),
-            use_cache=True,
-        )
+        model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt, device=device), use_cache=True)
         tok = ids[:, -1:]
         pos = torch.tensor([prompt], device=device)
         t0 = time.time()
         for _ in range(3):  # compile (and CUDA-graph recording) happens here
-            logits = fwd(
-                input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True
-            ).logits
+            logits = fwd(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
             tok = logits[:, -1:].argmax(-1)
             pos = pos + 1
         sync()
@@ -900,20 +719,13 @@ def _decode_timer(model, compile_kwargs, prompt: int, steps: int, device):
         out = []
         t0 = time.time()
         for _ in range(steps):
-            logits = fwd(
-                input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True
-            ).logits
+            logits = fwd(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
             tok = logits[:, -1:].argmax(-1)
             out.append(tok)
             pos = pos + 1
         sync()
         per_token = (time.time() - t0) / steps
-        profile = _kernel_profile(
-            lambda: fwd(
-                input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True
-            ),
-            device,
-        )
+        profile = _kernel_profile(lambda: fwd(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True), device)
         return per_token, first, torch.cat(out, 1), profile
 
 
@@ -933,17 +745,13 @@ def _kernel_profile(step, device, top: int = 8) -> str:
     events.sort(key=lambda e: -getattr(e, attr, 0.0))
     total = sum(getattr(e, attr, 0.0) for e in events)
     calls = sum(e.count for e in events)
-    head = ", ".join(
-        f"{e.key[:48]} ×{e.count} {getattr(e, attr, 0.0):.0f} µs" for e in events[:top]
-    )
+    head = ", ".join(f"{e.key[:48]} ×{e.count} {getattr(e, attr, 0.0):.0f} µs" for e in events[:top])
     return f"{calls} {'kernels' if cuda else 'ops'}, {total:.0f} µs; top: {head}"
 
 
 def bench_e2e(device, layers: int | None = None, steps: int = 64):
     """SmolLM2-shaped decode: int4 g32 under backend='decomp' vs the dense model under inductor."""
-    print(
-        "\n### SmolLM2-135M-shaped decode, batch 1: torch.compile(backend='decomp') vs dense + inductor\n"
-    )
+    print("\n### SmolLM2-135M-shaped decode, batch 1: torch.compile(backend='decomp') vs dense + inductor\n")
     print("random weights of SmolLM2-135M's shapes (speed depends on shapes and formats, not values); "
           f"static KV cache, 32-token prompt, {steps} decode steps; mode='reduce-overhead' = CUDA graphs\n")  # fmt: skip
     _ensure_backend()
@@ -952,15 +760,7 @@ def bench_e2e(device, layers: int | None = None, steps: int = 64):
         k: sum(_nbytes(t) for t in list(m.parameters()) + list(m.buffers())) / 2**20
         for k, m in (("dense", dense), ("int4", optimized))
     }
-    _print_row(
-        "model",
-        "how it runs",
-        "ms/token",
-        "tokens/s",
-        "vs dense same mode",
-        "first 3 calls s",
-        "weights MB",
-    )
+    _print_row("model", "how it runs", "ms/token", "tokens/s", "vs dense same mode", "first 3 calls s", "weights MB")
     _print_row(*["---"] * 7)
     cuda = device == "cuda"
     modes = [("eager", None, None)]
@@ -973,27 +773,14 @@ def bench_e2e(device, layers: int | None = None, steps: int = 64):
         if _late(f"e2e {label}"):
             break
         torch._dynamo.reset()
-        d = _guard(
-            f"e2e dense {label}", _decode_timer, dense, dense_kw, 32, steps, device
-        )
+        d = _guard(f"e2e dense {label}", _decode_timer, dense, dense_kw, 32, steps, device)
         torch._dynamo.reset()
-        q = _guard(
-            f"e2e int4 {label}", _decode_timer, optimized, ours_kw, 32, steps, device
-        )
-        for name, res, kw, base in (
-            ("dense fp16", d, dense_kw, None),
-            ("int4 g32 layers", q, ours_kw, d),
-        ):
+        q = _guard(f"e2e int4 {label}", _decode_timer, optimized, ours_kw, 32, steps, device)
+        for name, res, kw, base in (("dense fp16", d, dense_kw, None), ("int4 g32 layers", q, ours_kw, d)):
             if res is None:
                 continue
             how = label if kw is None else f"{label} (backend={kw['backend']})"
-            ratio = (
-                f"{base[0] / res[0]:.2f}×"
-                if base
-                else "1.00×"
-                if name == "dense fp16"
-                else "—"
-            )
+            ratio = f"{base[0] / res[0]:.2f}×" if base else "1.00×" if name == "dense fp16" else "—"
             _print_row(name, how, f"{res[0] * 1e3:.2f}", f"{1 / res[0]:.0f}", ratio, f"{res[1]:.1f}",
                        f"{mb['dense' if base is None else 'int4']:.1f}")  # fmt: skip
         for name, res in (("dense fp16", d), ("int4 g32 layers", q)):
@@ -1007,17 +794,8 @@ def bench_e2e(device, layers: int | None = None, steps: int = 64):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="correctness only (CUDA)")
-    parser.add_argument(
-        "--e2e",
-        action="store_true",
-        help="also SmolLM2-shaped end-to-end decode (needs transformers)",
-    )
-    parser.add_argument(
-        "--budget-s",
-        type=float,
-        default=270.0,
-        help="start no section or row past this many seconds",
-    )
+    parser.add_argument("--e2e", action="store_true", help="also SmolLM2-shaped end-to-end decode (needs transformers)")
+    parser.add_argument("--budget-s", type=float, default=270.0, help="start no section or row past this many seconds")
     args = parser.parse_args(argv)
     BUDGET_S[0] = args.budget_s
 
@@ -1026,49 +804,31 @@ def main(argv=None) -> int:
 
     has_triton = importlib.util.find_spec("triton") is not None
     card = torch.cuda.get_device_name() if cuda else "none (CPU)"
-    print(
-        f"device: {card}"
-        + (f", capability {torch.cuda.get_device_capability()}" if cuda else "")
-    )
+    print(f"device: {card}" + (f", capability {torch.cuda.get_device_capability()}" if cuda else ""))
     print(f"torch {torch.__version__}, triton {__import__('triton').__version__ if has_triton else 'not installed'}, "
           f"python {sys.version.split()[0]}", flush=True)  # fmt: skip
 
     if not cuda:
-        print(
-            "\nNo CUDA device: the kernels do not run here. Timing the eager torch reference paths instead.\n"
-        )
+        print("\nNo CUDA device: the kernels do not run here. Timing the eager torch reference paths instead.\n")
         bench_cpu_references()
         return 0
     if not has_triton:
         print("triton is not installed: nothing to check")
         return 1
 
-    os.environ["DECOMP_AUTOTUNE"] = (
-        "0"  # correctness needs one config each; tuning is for the timings
-    )
-    print(
-        "\n## Correctness on CUDA (kernel vs eager torch, both against an fp64 evaluation)\n"
-    )
+    os.environ["DECOMP_AUTOTUNE"] = "0"  # correctness needs one config each; tuning is for the timings
+    print("\n## Correctness on CUDA (kernel vs eager torch, both against an fp64 evaluation)\n")
     blocks = ("int4g32",) if args.check else ("int4g32", "lowrank r64")
     for name, fn in (("lowrank", check_lowrank), ("dequant", check_dequant), ("monarch", check_monarch),
                      ("modules + torch.compile", lambda d: check_modules_and_compile(d, blocks))):  # fmt: skip
         _guard(name, fn, "cuda")
-    print(
-        f"\ncorrectness: {len(FAILURES)} failure(s), {time.time() - START:.0f} s so far",
-        flush=True,
-    )
+    print(f"\ncorrectness: {len(FAILURES)} failure(s), {time.time() - START:.0f} s so far", flush=True)
     if args.check:
         return 1 if FAILURES else 0
 
     os.environ["DECOMP_AUTOTUNE"] = "1"
-    print(
-        f"\n## Speed on {card} (fp16; per call, replayed from CUDA graphs over cold operand copies)"
-    )
-    sections = [
-        ("dequant", bench_dequant),
-        ("lowrank", bench_lowrank),
-        ("monarch", bench_monarch),
-    ]
+    print(f"\n## Speed on {card} (fp16; per call, replayed from CUDA graphs over cold operand copies)")
+    sections = [("dequant", bench_dequant), ("lowrank", bench_lowrank), ("monarch", bench_monarch)]
     if args.e2e:
         sections.append(("e2e", lambda d, t: bench_e2e(d)))
     sections.append(("decode proxy", lambda d, t: bench_decode_proxy(d, t, 30)))
@@ -1096,12 +856,7 @@ def bench_cpu_references():
     down, up = torch.randn(r, d), torch.randn(d, r)
     dense = _bench(lambda: F.linear(x, w))
     ours = _bench(lambda: LK.lowrank_linear_ref(x, down, up))
-    _print_row(
-        f"low-rank {m}×{d}→{d}, r={r}",
-        f"dense {dense:.2f} ms",
-        f"two matmuls {ours:.2f} ms",
-        f"{dense / ours:.3g}×",
-    )
+    _print_row(f"low-rank {m}×{d}→{d}, r={r}", f"dense {dense:.2f} ms", f"two matmuls {ours:.2f} ms", f"{dense / ours:.3g}×")
     n = k = 2048
     pw, _ = _packed(_format("int4g128"), n, k, torch.float32, "cpu")
     codes, constants, fmt = _buffers(pw)
@@ -1109,22 +864,14 @@ def bench_cpu_references():
     dense = _bench(lambda: F.linear(x1, w1))
     ours = _bench(lambda: D.quant_linear_ref(x1, codes, constants, fmt, k))
     _print_row(
-        f"int4 g128 batch 1, {n}×{k}",
-        f"dense {dense:.2f} ms",
-        f"dequantize + matmul {ours:.2f} ms",
-        f"{dense / ours:.3g}×",
+        f"int4 g128 batch 1, {n}×{k}", f"dense {dense:.2f} ms", f"dequantize + matmul {ours:.2f} ms", f"{dense / ours:.3g}×"
     )
     n, b = 4096, 64
     xm, wm = torch.randn(512, n), torch.randn(n, n)
     L, R = torch.randn(b, n // b, b), torch.randn(b, b, n // b)
     dense = _bench(lambda: F.linear(xm, wm))
     ours = _bench(lambda: MK.monarch_linear_ref(xm, L, R, n))
-    _print_row(
-        f"Monarch 512×{n}, b={b}",
-        f"dense {dense:.2f} ms",
-        f"two bmm + regroup {ours:.2f} ms",
-        f"{dense / ours:.2f}×",
-    )
+    _print_row(f"Monarch 512×{n}, b={b}", f"dense {dense:.2f} ms", f"two bmm + regroup {ours:.2f} ms", f"{dense / ours:.2f}×")
     bench_decode_proxy("cpu", torch.float32, 4)
 
 

@@ -24,13 +24,7 @@ import os
 
 import torch
 
-__all__ = [
-    "force_kernels",
-    "lowrank_linear",
-    "monarch_linear",
-    "quant_linear",
-    "use_kernels",
-]
+__all__ = ["force_kernels", "lowrank_linear", "monarch_linear", "quant_linear", "use_kernels"]
 
 _TRITON = importlib.util.find_spec("triton") is not None
 _ENABLED = os.environ.get("DECOMP_KERNELS", "1") != "0"
@@ -66,14 +60,10 @@ def use_kernels(x: torch.Tensor, *params: torch.Tensor) -> bool:
     if _exporting():
         return False
     params = [p for p in params if p is not None]
-    if torch.is_grad_enabled() and (
-        x.requires_grad or any(p.requires_grad for p in params)
-    ):
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return False
     if any(p.dtype != x.dtype for p in params):
-        return (
-            False  # mixed dtypes (autocast): the torch path casts, the kernels do not
-        )
+        return False  # mixed dtypes (autocast): the torch path casts, the kernels do not
     if _FORCE is not None:
         return _FORCE
     return _ENABLED and _TRITON and x.is_cuda
@@ -95,51 +85,20 @@ def lowrank_linear(x, down, up, bias=None, epilogue: str = "", aux=()) -> torch.
     return _ops().lowrank_linear(x, down, up, bias, epilogue, list(aux))
 
 
-def quant_linear(
-    x, packed, bias=None, down=None, up=None, epilogue: str = "", aux=()
-) -> torch.Tensor:
+def quant_linear(x, packed, bias=None, down=None, up=None, epilogue: str = "", aux=()) -> torch.Tensor:
     """``decomp::quant_linear`` over a ``PackedWeight``'s buffers as stored (+ the optional low-rank term)."""
     from codegen.kernels.dequant import QuantFormat
 
     fmt = QuantFormat.of(packed.config)
     constants = [getattr(packed, n) for n in fmt.constant_names()]
-    if _direct(
-        x
-    ):  # eager CUDA: the op's own body, without the dispatcher's per-call cost
+    if _direct(x):  # eager CUDA: the op's own body, without the dispatcher's per-call cost
         from codegen.kernels import dequant
 
-        if (
-            down is None
-            or dequant.next_pow2(max(16, down.shape[0])) <= dequant.MAX_RANK
-        ):
-            return dequant.quant_linear(
-                x,
-                packed.codes,
-                constants,
-                fmt.spec,
-                packed.shape[1],
-                bias,
-                down,
-                up,
-                epilogue,
-                aux,
-            )
-    return _ops().quant_linear(
-        x,
-        packed.codes,
-        constants,
-        fmt.spec,
-        packed.shape[1],
-        bias,
-        down,
-        up,
-        epilogue,
-        list(aux),
-    )
+        if down is None or dequant.next_pow2(max(16, down.shape[0])) <= dequant.MAX_RANK:
+            return dequant.quant_linear(x, packed.codes, constants, fmt.spec, packed.shape[1], bias, down, up, epilogue, aux)
+    return _ops().quant_linear(x, packed.codes, constants, fmt.spec, packed.shape[1], bias, down, up, epilogue, list(aux))
 
 
-def monarch_linear(
-    x, L, R, out_features: int, bias=None, epilogue: str = "", aux=()
-) -> torch.Tensor:
+def monarch_linear(x, L, R, out_features: int, bias=None, epilogue: str = "", aux=()) -> torch.Tensor:
     """``decomp::monarch_linear``: ``epilogue(monarch(x) + bias)``."""
     return _ops().monarch_linear(x, L, R, out_features, bias, epilogue, list(aux))

@@ -77,21 +77,14 @@ class FusionReport:
             f"and {self.round_trips_avoided} global round trip(s) removed"
         )
         lines = [head]
-        lines += [
-            f"  {f.op} + {','.join(f.steps)}  ({' → '.join(f.replaced)})"
-            for f in self.fused
-        ]
+        lines += [f"  {f.op} + {','.join(f.steps)}  ({' → '.join(f.replaced)})" for f in self.fused]
         return "\n".join(lines)
 
 
 # ---- the operators and their epilogue arguments ---------------------------------------------
 
 # op name -> (index of the epilogue argument, index of aux)
-_EPILOGUE_ARG = {
-    "lowrank_linear": (4, 5),
-    "quant_linear": (8, 9),
-    "monarch_linear": (5, 6),
-}
+_EPILOGUE_ARG = {"lowrank_linear": (4, 5), "quant_linear": (8, 9), "monarch_linear": (5, 6)}
 
 
 def _decomp_op(node: fx.Node) -> str | None:
@@ -101,10 +94,7 @@ def _decomp_op(node: fx.Node) -> str | None:
     target = node.target
     packet = getattr(target, "_overloadpacket", target)
     qualified = getattr(packet, "_qualified_op_name", "")
-    if (
-        qualified.startswith("decomp::")
-        and qualified[len("decomp::") :] in _EPILOGUE_ARG
-    ):
+    if qualified.startswith("decomp::") and qualified[len("decomp::") :] in _EPILOGUE_ARG:
         return qualified[len("decomp::") :]
     return None
 
@@ -148,12 +138,7 @@ def _binary(node: fx.Node, src: fx.Node) -> tuple[str, fx.Node] | None:
         kind = "mul" if node.target in _MUL else "add"
         if node.kwargs or len(node.args) != 2:
             return None  # alpha=…, out=…
-    elif (
-        node.op == "call_method"
-        and node.target in ("mul", "add")
-        and len(node.args) == 2
-        and not node.kwargs
-    ):
+    elif node.op == "call_method" and node.target in ("mul", "add") and len(node.args) == 2 and not node.kwargs:
         kind = node.target
     else:
         return None
@@ -205,25 +190,12 @@ def _rewritten_module(gm: fx.GraphModule, node: fx.Node):
         if type(module).__name__ not in _MODULES:
             return None
         tensors = dict(module.named_parameters()) | dict(module.named_buffers())
-        return module, {
-            name: (lambda n=name: gm.graph.get_attr(f"{node.target}.{n}"))
-            for name in tensors
-        }
-    module, names = (
-        getattr(node.target, "module", None),
-        getattr(node.target, "names", None),
-    )
-    if (
-        node.op == "call_function"
-        and type(module).__name__ in _MODULES
-        and names is not None
-        and not node.kwargs
-    ):
+        return module, {name: (lambda n=name: gm.graph.get_attr(f"{node.target}.{n}")) for name in tensors}
+    module, names = (getattr(node.target, "module", None), getattr(node.target, "names", None))
+    if node.op == "call_function" and type(module).__name__ in _MODULES and names is not None and not node.kwargs:
         if len(node.args) != 1 + len(names):
             return None
-        return module, {
-            name: (lambda v=value: v) for name, value in zip(names, node.args[1:])
-        }
+        return module, {name: (lambda v=value: v) for name, value in zip(names, node.args[1:])}
     return None
 
 
@@ -243,15 +215,7 @@ def _module_call(gm: fx.GraphModule, node: fx.Node):
     if kind == "LowRankLinear":
         return ops.lowrank_linear.default, (x, t("down"), t("up"), t("bias"), "", [])
     if kind == "MonarchLinear":
-        return ops.monarch_linear.default, (
-            x,
-            t("L"),
-            t("R"),
-            module.out_features,
-            t("bias"),
-            "",
-            [],
-        )
+        return ops.monarch_linear.default, (x, t("L"), t("R"), module.out_features, t("bias"), "", [])
     from codegen.kernels.dequant import QuantFormat
 
     fmt = QuantFormat.of(module.packed.config)
@@ -320,9 +284,7 @@ def fuse_epilogues(gm: fx.GraphModule, *, lower: bool = True) -> FusionReport:
         for n in reversed(chain):
             gm.graph.erase_node(n)
         gm.graph.erase_node(node)
-        report.fused.append(
-            Fused(op, tuple(steps), tuple(n.name for n in [node, *chain]))
-        )
+        report.fused.append(Fused(op, tuple(steps), tuple(n.name for n in [node, *chain])))
     gm.graph.lint()
     gm.recompile()
     return report

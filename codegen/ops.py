@@ -30,13 +30,7 @@ from codegen.kernels import dequant as _dequant
 from codegen.kernels import lowrank as _lowrank
 from codegen.kernels import monarch as _monarch
 
-__all__ = [
-    "OPS",
-    "interpreter_active",
-    "lowrank_linear",
-    "monarch_linear",
-    "quant_linear",
-]
+__all__ = ["OPS", "interpreter_active", "lowrank_linear", "monarch_linear", "quant_linear"]
 
 
 def interpreter_active() -> bool:
@@ -57,14 +51,7 @@ def _on_gpu(x: Tensor) -> bool:
 
 
 @torch.library.custom_op("decomp::lowrank_linear_host", mutates_args=())
-def _lowrank_host(
-    x: Tensor,
-    down: Tensor,
-    up: Tensor,
-    bias: Tensor | None,
-    epilogue: str,
-    aux: list[Tensor],
-) -> Tensor:
+def _lowrank_host(x: Tensor, down: Tensor, up: Tensor, bias: Tensor | None, epilogue: str, aux: list[Tensor]) -> Tensor:
     if interpreter_active() and _lowrank.supports(x, down):
         return _lowrank.lowrank_linear(x, down, up, bias, epilogue, aux)
     return _lowrank.lowrank_linear_ref(x, down, up, bias, epilogue, aux)
@@ -76,19 +63,10 @@ def _(x, down, up, bias, epilogue, aux):
 
 
 @triton_op("decomp::lowrank_linear", mutates_args=())
-def lowrank_linear(
-    x: Tensor,
-    down: Tensor,
-    up: Tensor,
-    bias: Tensor | None,
-    epilogue: str,
-    aux: list[Tensor],
-) -> Tensor:
+def lowrank_linear(x: Tensor, down: Tensor, up: Tensor, bias: Tensor | None, epilogue: str, aux: list[Tensor]) -> Tensor:
     """``epilogue((x·downᵀ)·upᵀ + bias)``; see :func:`codegen.kernels.lowrank.lowrank_linear`."""
     if _on_gpu(x) and _lowrank.supports(x, down):
-        return _lowrank.lowrank_linear(
-            x, down, up, bias, epilogue, aux, wrap=wrap_triton
-        )
+        return _lowrank.lowrank_linear(x, down, up, bias, epilogue, aux, wrap=wrap_triton)
     if _on_gpu(x):
         return _lowrank.lowrank_linear_ref(x, down, up, bias, epilogue, aux)
     return torch.ops.decomp.lowrank_linear_host(x, down, up, bias, epilogue, aux)
@@ -98,9 +76,7 @@ def lowrank_linear(
 
 
 def _fits_quant(down: Tensor | None) -> bool:
-    return (
-        down is None or _dequant.next_pow2(max(16, down.shape[0])) <= _dequant.MAX_RANK
-    )
+    return down is None or _dequant.next_pow2(max(16, down.shape[0])) <= _dequant.MAX_RANK
 
 
 @torch.library.custom_op("decomp::quant_linear_host", mutates_args=())
@@ -117,12 +93,8 @@ def _quant_host(
     aux: list[Tensor],
 ) -> Tensor:
     if interpreter_active() and _fits_quant(down):
-        return _dequant.quant_linear(
-            x, codes, constants, fmt, cols, bias, down, up, epilogue, aux
-        )
-    return _dequant.quant_linear_ref(
-        x, codes, constants, fmt, cols, bias, down, up, epilogue, aux
-    )
+        return _dequant.quant_linear(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux)
+    return _dequant.quant_linear_ref(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux)
 
 
 @_quant_host.register_fake
@@ -145,26 +117,10 @@ def quant_linear(
 ) -> Tensor:
     """``epilogue(x·deq(W)ᵀ [+ (x·downᵀ)·upᵀ] + bias)``; see :func:`codegen.kernels.dequant.quant_linear`."""
     if _on_gpu(x) and _fits_quant(down):
-        return _dequant.quant_linear(
-            x,
-            codes,
-            constants,
-            fmt,
-            cols,
-            bias,
-            down,
-            up,
-            epilogue,
-            aux,
-            wrap=wrap_triton,
-        )
+        return _dequant.quant_linear(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux, wrap=wrap_triton)
     if _on_gpu(x):
-        return _dequant.quant_linear_ref(
-            x, codes, constants, fmt, cols, bias, down, up, epilogue, aux
-        )
-    return torch.ops.decomp.quant_linear_host(
-        x, codes, constants, fmt, cols, bias, down, up, epilogue, aux
-    )
+        return _dequant.quant_linear_ref(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux)
+    return torch.ops.decomp.quant_linear_host(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux)
 
 
 # ---- Monarch --------------------------------------------------------------------------------
@@ -176,13 +132,7 @@ MONARCH_KERNEL_MAX_ROWS = 128
 
 @torch.library.custom_op("decomp::monarch_linear_host", mutates_args=())
 def _monarch_host(
-    x: Tensor,
-    L: Tensor,
-    R: Tensor,
-    out_features: int,
-    bias: Tensor | None,
-    epilogue: str,
-    aux: list[Tensor],
+    x: Tensor, L: Tensor, R: Tensor, out_features: int, bias: Tensor | None, epilogue: str, aux: list[Tensor]
 ) -> Tensor:
     if interpreter_active():
         return _monarch.monarch_linear(x, L, R, out_features, bias, epilogue, aux)
@@ -196,13 +146,7 @@ def _(x, L, R, out_features, bias, epilogue, aux):
 
 @triton_op("decomp::monarch_linear", mutates_args=())
 def monarch_linear(
-    x: Tensor,
-    L: Tensor,
-    R: Tensor,
-    out_features: int,
-    bias: Tensor | None,
-    epilogue: str,
-    aux: list[Tensor],
+    x: Tensor, L: Tensor, R: Tensor, out_features: int, bias: Tensor | None, epilogue: str, aux: list[Tensor]
 ) -> Tensor:
     """``epilogue(monarch(x) + bias)``; see :func:`codegen.kernels.monarch.monarch_linear`.
 
@@ -211,19 +155,11 @@ def monarch_linear(
     vs 293 µs at n = 4096, 64 blocks) while the kernel wins at decode (5.5 vs 9.6 µs at 1 row).
     """
     if _on_gpu(x) and x.numel() // max(1, x.shape[-1]) < MONARCH_KERNEL_MAX_ROWS:
-        return _monarch.monarch_linear(
-            x, L, R, out_features, bias, epilogue, aux, wrap=wrap_triton
-        )
+        return _monarch.monarch_linear(x, L, R, out_features, bias, epilogue, aux, wrap=wrap_triton)
     if _on_gpu(x):
         return _monarch.monarch_linear_ref(x, L, R, out_features, bias, epilogue, aux)
-    return torch.ops.decomp.monarch_linear_host(
-        x, L, R, out_features, bias, epilogue, aux
-    )
+    return torch.ops.decomp.monarch_linear_host(x, L, R, out_features, bias, epilogue, aux)
 
 
 #: The operators the fusion pass emits (and an exporter would need translations for).
-OPS = (
-    torch.ops.decomp.lowrank_linear.default,
-    torch.ops.decomp.quant_linear.default,
-    torch.ops.decomp.monarch_linear.default,
-)
+OPS = (torch.ops.decomp.lowrank_linear.default, torch.ops.decomp.quant_linear.default, torch.ops.decomp.monarch_linear.default)

@@ -82,9 +82,7 @@ class Epilogue:
     def __post_init__(self):
         bad = [s for s in self.steps if not _STEP.match(s)]
         if bad:
-            raise EpilogueError(
-                f"unknown epilogue step(s) {bad}; valid: {sorted(ACTIVATIONS) + sorted(BINARY)}"
-            )
+            raise EpilogueError(f"unknown epilogue step(s) {bad}; valid: {sorted(ACTIVATIONS) + sorted(BINARY)}")
 
     @classmethod
     def parse(cls, spec: str) -> Epilogue:
@@ -119,12 +117,7 @@ class Epilogue:
         """The same chain in torch on ``y`` (the reference semantics; fp32 in, fp32 out)."""
         import torch.nn.functional as F
 
-        ops = {
-            "silu": F.silu,
-            "gelu": F.gelu,
-            "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-            "relu": F.relu,
-        }
+        ops = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "relu": F.relu}
         it = iter(aux)
         for step in self.steps:
             if step in ops:
@@ -227,14 +220,7 @@ def _import(path: Path):
     return module
 
 
-def build(
-    template: str,
-    name: str,
-    epilogue: Epilogue,
-    configs: tuple[dict, ...],
-    key: tuple[str, ...],
-    origin: str,
-) -> Kernel:
+def build(template: str, name: str, epilogue: Epilogue, configs: tuple[dict, ...], key: tuple[str, ...], origin: str) -> Kernel:
     """Instantiate ``template`` with ``epilogue``, compile (lazily, by Triton) and cache it.
 
     Args:
@@ -261,15 +247,11 @@ def build(
     kernel_name = f"{name}_{suffix}" if suffix else name
     slot = re.search(r"^([ \t]*)\$\{EPILOGUE\}[ \t]*$", template, re.MULTILINE)
     if slot is None and epilogue.steps:
-        raise EpilogueError(
-            f"template {name} has no ${{EPILOGUE}} slot; it cannot fuse {epilogue.spec!r}"
-        )
+        raise EpilogueError(f"template {name} has no ${{EPILOGUE}} slot; it cannot fuse {epilogue.spec!r}")
     if slot is not None:
         template = template[: slot.start()] + "${EPILOGUE}" + template[slot.end() :]
     body = string.Template(template).substitute(
-        KERNEL=kernel_name,
-        AUX_PARAMS=epilogue.aux_params(),
-        EPILOGUE=epilogue.source(slot.group(1)) if slot is not None else "",
+        KERNEL=kernel_name, AUX_PARAMS=epilogue.aux_params(), EPILOGUE=epilogue.source(slot.group(1)) if slot is not None else ""
     )
     source = _HEADER.format(origin=origin) + body
     path = _write(source, kernel_name)
@@ -280,13 +262,7 @@ def build(
         tconfigs = []
         for c in configs if tuned else configs[:1]:
             meta = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
-            tconfigs.append(
-                triton.Config(
-                    meta,
-                    num_warps=c.get("num_warps", 4),
-                    num_stages=c.get("num_stages", 2),
-                )
-            )
+            tconfigs.append(triton.Config(meta, num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 2)))
         fn = triton.autotune(configs=tconfigs, key=list(key))(fn)
     kernel = Kernel(fn, source, path, tuple(configs), not interpret)
     _BUILT[cache_key] = kernel

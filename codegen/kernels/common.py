@@ -48,50 +48,34 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def check_float(
-    name: str, t: torch.Tensor, dtype: torch.dtype | None = None, device=None
-) -> None:
+def check_float(name: str, t: torch.Tensor, dtype: torch.dtype | None = None, device=None) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise KernelError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
     if dtype is not None and t.dtype != dtype:
-        raise KernelError(
-            f"{name} is {t.dtype} but the input is {dtype}; cast it (module.to(dtype))"
-        )
+        raise KernelError(f"{name} is {t.dtype} but the input is {dtype}; cast it (module.to(dtype))")
     if device is not None and t.device != device:
-        raise KernelError(
-            f"{name} is on {t.device} but the input is on {device}; move the module (.to(device))"
-        )
+        raise KernelError(f"{name} is on {t.device} but the input is on {device}; move the module (.to(device))")
 
 
 def rows_of(x: torch.Tensor, k: int, name: str = "x") -> torch.Tensor:
     """``x`` as a row-contiguous ``(M, k)`` matrix (a view when it already is one)."""
     if x.shape[-1] != k:
-        raise KernelError(
-            f"{name} has {x.shape[-1]} features in its last dimension, the weight expects {k}"
-        )
+        raise KernelError(f"{name} has {x.shape[-1]} features in its last dimension, the weight expects {k}")
     x2 = x.reshape(-1, k)
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def aux_rows(
-    aux, epilogue: Epilogue, out_shape: tuple[int, ...], device, m: int, n: int
-) -> list[torch.Tensor]:
+def aux_rows(aux, epilogue: Epilogue, out_shape: tuple[int, ...], device, m: int, n: int) -> list[torch.Tensor]:
     """The epilogue's auxiliary tensors as contiguous ``(M, N)`` matrices (shape-checked)."""
     aux = list(aux)
     if len(aux) != epilogue.n_aux:
-        raise KernelError(
-            f"epilogue {epilogue.spec!r} reads {epilogue.n_aux} auxiliary tensor(s), got {len(aux)}"
-        )
+        raise KernelError(f"epilogue {epilogue.spec!r} reads {epilogue.n_aux} auxiliary tensor(s), got {len(aux)}")
     out = []
     for i, a in enumerate(aux):
         if tuple(a.shape) != tuple(out_shape):
-            raise KernelError(
-                f"auxiliary tensor {i} has shape {tuple(a.shape)}, the output is {tuple(out_shape)}"
-            )
+            raise KernelError(f"auxiliary tensor {i} has shape {tuple(a.shape)}, the output is {tuple(out_shape)}")
         if a.device != device:
-            raise KernelError(
-                f"auxiliary tensor {i} is on {a.device}, the output on {device}"
-            )
+            raise KernelError(f"auxiliary tensor {i} is on {a.device}, the output on {device}")
         out.append(a.reshape(m, n).contiguous())
     return out
 
@@ -111,9 +95,7 @@ def unused_pointer(like: torch.Tensor, shared: bool = False) -> torch.Tensor:
         key = (like.device, like.dtype)
         t = _SHARED_UNUSED.get(key)
         if t is None:
-            t = _SHARED_UNUSED[key] = torch.empty(
-                1, dtype=like.dtype, device=like.device
-            )
+            t = _SHARED_UNUSED[key] = torch.empty(1, dtype=like.dtype, device=like.device)
         return t
     return torch.empty(1, dtype=like.dtype, device=like.device)
 

@@ -108,9 +108,7 @@ class QuantFormat:
         int8, bits, g, g_nf4, dq = m.groups()
         if int8:
             if dq:
-                raise KernelError(
-                    "int8 stores its scales as fp16 only; 'int8dq' does not exist"
-                )
+                raise KernelError("int8 stores its scales as fp16 only; 'int8dq' does not exist")
             return cls(2, 8, 0, False)
         if bits:
             return cls(0, int(bits), int(g), bool(dq))
@@ -126,9 +124,7 @@ class QuantFormat:
             return cls(0, config.bits, config.group_size, config.double_quant)
         if name == "NF4Config":
             return cls(1, 4, config.group_size, config.double_quant)
-        raise KernelError(
-            f"no dequantization kernel for {name} (Int8Config, IntNConfig, NF4Config have one)"
-        )
+        raise KernelError(f"no dequantization kernel for {name} (Int8Config, IntNConfig, NF4Config have one)")
 
     @property
     def spec(self) -> str:
@@ -369,16 +365,12 @@ _KEY = ("M_CLASS", "N", "K", "R")
 
 def gemv_kernel(epilogue: Epilogue = NO_EPILOGUE):
     """The built GEMV kernel for ``epilogue`` (cached; ``.source`` is the generated code)."""
-    return build(
-        GEMV_TEMPLATE, "_dequant_gemv_kernel", epilogue, GEMV_CONFIGS, _KEY, __name__
-    )
+    return build(GEMV_TEMPLATE, "_dequant_gemv_kernel", epilogue, GEMV_CONFIGS, _KEY, __name__)
 
 
 def gemm_kernel(epilogue: Epilogue = NO_EPILOGUE):
     """The built GEMM kernel for ``epilogue`` (cached)."""
-    return build(
-        GEMM_TEMPLATE, "_dequant_gemm_kernel", epilogue, GEMM_CONFIGS, _KEY, __name__
-    )
+    return build(GEMM_TEMPLATE, "_dequant_gemm_kernel", epilogue, GEMM_CONFIGS, _KEY, __name__)
 
 
 # ---- reference -----------------------------------------------------------------------------
@@ -393,11 +385,7 @@ def dequantize_ref(codes, constants, fmt: str, cols: int) -> torch.Tensor:
         return qf.int8_rowwise_dequantize(codes, constants[0].float())
     values = []
     for i in range(0, len(constants), 2 if f.dq else 1):
-        values.append(
-            qf.dequantize_constants(constants[i], constants[i + 1])
-            if f.dq
-            else constants[i].float()
-        )
+        values.append(qf.dequantize_constants(constants[i], constants[i + 1]) if f.dq else constants[i].float())
     q = qf.unpack(codes, f.bits, values[0].shape[1] * f.group)
     if f.kind == 0:
         return qf.dequantize_groups(q, values[0], values[1], cols)
@@ -405,16 +393,7 @@ def dequantize_ref(codes, constants, fmt: str, cols: int) -> torch.Tensor:
 
 
 def quant_linear_ref(
-    x,
-    codes,
-    constants,
-    fmt: str,
-    cols: int,
-    bias=None,
-    down=None,
-    up=None,
-    epilogue: str = "",
-    aux=(),
+    x, codes, constants, fmt: str, cols: int, bias=None, down=None, up=None, epilogue: str = "", aux=()
 ) -> torch.Tensor:
     """The semantics (what ``QuantizedLinear``/``LQLinear`` compute, then the epilogue in fp32)."""
     y = F.linear(x, dequantize_ref(codes, constants, fmt, cols).to(x.dtype), bias)
@@ -438,9 +417,7 @@ def _codebook(like: torch.Tensor) -> torch.Tensor:
     if is_fake(like):
         return NF4_CODEBOOK.to(device=like.device, dtype=torch.float32)
     if like.device not in _CODEBOOKS:
-        _CODEBOOKS[like.device] = NF4_CODEBOOK.to(
-            device=like.device, dtype=torch.float32
-        )
+        _CODEBOOKS[like.device] = NF4_CODEBOOK.to(device=like.device, dtype=torch.float32)
     return _CODEBOOKS[like.device]
 
 
@@ -449,42 +426,23 @@ def _check_buffers(f: QuantFormat, codes, constants, cols: int) -> int:
     out = codes.shape[0]
     names = f.constant_names()
     if len(constants) != len(names):
-        raise KernelError(
-            f"{f.spec} stores {len(names)} constant buffers {names}, got {len(constants)}"
-        )
+        raise KernelError(f"{f.spec} stores {len(names)} constant buffers {names}, got {len(constants)}")
     if f.kind == 2:
         if codes.dtype != torch.int8 or codes.shape[1] != cols:
-            raise KernelError(
-                f"int8 codes must be int8 ({out}, {cols}), got {codes.dtype} {tuple(codes.shape)}"
-            )
+            raise KernelError(f"int8 codes must be int8 ({out}, {cols}), got {codes.dtype} {tuple(codes.shape)}")
         return 1
     first = constants[0]
     n_groups = first.shape[1]
     row_bytes = n_groups * f.group * f.bits // 8
     if codes.dtype != torch.uint8 or tuple(codes.shape) != (out, row_bytes):
-        raise KernelError(
-            f"{f.spec} codes must be uint8 ({out}, {row_bytes}), got {codes.dtype} {tuple(codes.shape)}"
-        )
+        raise KernelError(f"{f.spec} codes must be uint8 ({out}, {row_bytes}), got {codes.dtype} {tuple(codes.shape)}")
     if n_groups * f.group < cols:
-        raise KernelError(
-            f"{f.spec}: {n_groups} groups of {f.group} cover fewer than the {cols} input columns"
-        )
+        raise KernelError(f"{f.spec}: {n_groups} groups of {f.group} cover fewer than the {cols} input columns")
     return n_groups
 
 
 def quant_linear(
-    x,
-    codes,
-    constants,
-    fmt: str,
-    cols: int,
-    bias=None,
-    down=None,
-    up=None,
-    epilogue: str = "",
-    aux=(),
-    *,
-    wrap=None,
+    x, codes, constants, fmt: str, cols: int, bias=None, down=None, up=None, epilogue: str = "", aux=(), *, wrap=None
 ) -> torch.Tensor:
     """Launch the dequant GEMV (``M ≤ GEMV_MAX_M``) or GEMM kernel.
 
@@ -500,9 +458,7 @@ def quant_linear(
             tensors launch directly).
     """
     f = QuantFormat.parse(fmt)
-    eager = (
-        type(x) is torch.Tensor
-    )  # a real tensor: not traced (fake/functional tensors are subclasses)
+    eager = type(x) is torch.Tensor  # a real tensor: not traced (fake/functional tensors are subclasses)
     n_groups = _check_buffers(f, codes, constants, cols)
     n = codes.shape[0]
     check_float("x", x)
@@ -514,15 +470,11 @@ def quant_linear(
     if down is not None:
         r = down.shape[0]
         if down.shape != (r, cols) or up.shape != (n, r):
-            raise KernelError(
-                f"low-rank factors must be down (r, {cols}) and up ({n}, r)"
-            )
+            raise KernelError(f"low-rank factors must be down (r, {cols}) and up ({n}, r)")
         check_float("down", down, x.dtype, x.device)
         check_float("up", up, x.dtype, x.device)
         if next_pow2(max(16, r)) > MAX_RANK:
-            raise KernelError(
-                f"rank {r} exceeds the fused limit {MAX_RANK}; use quant_linear_ref"
-            )
+            raise KernelError(f"rank {r} exceeds the fused limit {MAX_RANK}; use quant_linear_ref")
     ep = parse_epilogue(epilogue)
     x2 = rows_of(x, cols)
     m = x2.shape[0]
@@ -531,11 +483,7 @@ def quant_linear(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.view(out_shape)
-    t = (
-        F.linear(x2, down).contiguous()
-        if down is not None
-        else unused_pointer(x, eager)
-    )
+    t = F.linear(x2, down).contiguous() if down is not None else unused_pointer(x, eager)
     consts = [c if c.is_contiguous() else c.contiguous() for c in constants]
     # kernel slots: (values or codes, blocks) per constant; unused slots get any valid pointer
     c = consts if f.dq else [p for v in consts for p in (v, unused_pointer(x, eager))]

@@ -37,14 +37,7 @@ from codegen.kernels.common import (
 )
 from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
 
-__all__ = [
-    "CONFIGS",
-    "MAX_RANK",
-    "kernel",
-    "lowrank_linear",
-    "lowrank_linear_ref",
-    "supports",
-]
+__all__ = ["CONFIGS", "MAX_RANK", "kernel", "lowrank_linear", "lowrank_linear_ref", "supports"]
 
 #: Largest padded rank kept on chip (``BM × MAX_RANK`` fp32 accumulators per program).
 MAX_RANK = 256
@@ -117,19 +110,10 @@ def ${KERNEL}(
 
 def kernel(epilogue: Epilogue = NO_EPILOGUE):
     """The built kernel for ``epilogue`` (cached): ``.source`` is the generated Triton code."""
-    return build(
-        TEMPLATE,
-        "_lowrank_linear_kernel",
-        epilogue,
-        CONFIGS,
-        ("M_CLASS", "N", "K", "R", "T_GIVEN"),
-        __name__,
-    )
+    return build(TEMPLATE, "_lowrank_linear_kernel", epilogue, CONFIGS, ("M_CLASS", "N", "K", "R", "T_GIVEN"), __name__)
 
 
-def lowrank_linear_ref(
-    x, down, up, bias=None, epilogue: str = "", aux=()
-) -> torch.Tensor:
+def lowrank_linear_ref(x, down, up, bias=None, epilogue: str = "", aux=()) -> torch.Tensor:
     """The semantics: ``F.linear(F.linear(x, down), up, bias)`` then the epilogue (fp32), in x's dtype."""
     y = F.linear(F.linear(x, down), up, bias)
     return Epilogue.parse(epilogue).apply_ref(y.float(), aux).to(x.dtype)
@@ -137,16 +121,10 @@ def lowrank_linear_ref(
 
 def supports(x: torch.Tensor, down: torch.Tensor) -> bool:
     """Whether the fused kernel takes this rank and dtype (else use the two-matmul path)."""
-    return next_pow2(max(16, down.shape[0])) <= MAX_RANK and x.dtype in (
-        torch.float32,
-        torch.float16,
-        torch.bfloat16,
-    )
+    return next_pow2(max(16, down.shape[0])) <= MAX_RANK and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
-def lowrank_linear(
-    x, down, up, bias=None, epilogue: str = "", aux=(), *, wrap=None
-) -> torch.Tensor:
+def lowrank_linear(x, down, up, bias=None, epilogue: str = "", aux=(), *, wrap=None) -> torch.Tensor:
     """Launch the fused kernel: ``epilogue((x·downᵀ)·upᵀ + bias)``.
 
     Args:
@@ -162,21 +140,13 @@ def lowrank_linear(
     k = x.shape[-1]
     r, n = down.shape[0], up.shape[0]
     if down.shape != (r, k) or up.shape != (n, r):
-        raise KernelError(
-            f"low-rank factors must be down (r, {k}) and up (out, r), got {tuple(down.shape)}, {tuple(up.shape)}"
-        )
-    for name, t in (("down", down), ("up", up)) + (
-        (("bias", bias),) if bias is not None else ()
-    ):
+        raise KernelError(f"low-rank factors must be down (r, {k}) and up (out, r), got {tuple(down.shape)}, {tuple(up.shape)}")
+    for name, t in (("down", down), ("up", up)) + ((("bias", bias),) if bias is not None else ()):
         check_float(name, t, x.dtype, x.device)
     if not supports(x, down):
-        raise KernelError(
-            f"rank {r} exceeds the on-chip limit {MAX_RANK}; use lowrank_linear_ref"
-        )
+        raise KernelError(f"rank {r} exceeds the on-chip limit {MAX_RANK}; use lowrank_linear_ref")
     ep = parse_epilogue(epilogue)
-    eager = (
-        type(x) is torch.Tensor
-    )  # real tensors launch directly; wrap_triton is for tracing
+    eager = type(x) is torch.Tensor  # real tensors launch directly; wrap_triton is for tracing
     x2 = rows_of(x, k)
     m = x2.shape[0]
     out_shape = (*x.shape[:-1], n)
@@ -188,9 +158,7 @@ def lowrank_linear(
     up = up if up.is_contiguous() else up.contiguous()
     t_given = m >= T_GIVEN_ROWS or down.numel() >= T_GIVEN_DOWN
     if t_given:
-        x2 = F.linear(
-            x2, down
-        )  # t, (m, r): one cuBLAS matmul instead of one per program
+        x2 = F.linear(x2, down)  # t, (m, r): one cuBLAS matmul instead of one per program
 
     def grid(meta):
         n_tiles = -(-n // meta["BN"])

@@ -20,15 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from codegen.kernels.common import (
-    DOT_HELPER,
-    KernelError,
-    aux_rows,
-    check_float,
-    dot_flags,
-    rows_of,
-    unused_pointer,
-)
+from codegen.kernels.common import DOT_HELPER, KernelError, aux_rows, check_float, dot_flags, rows_of, unused_pointer
 from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
 
 __all__ = ["monarch_linear", "monarch_linear_ref", "stage1_kernel", "stage2_kernel"]
@@ -120,31 +112,15 @@ STAGE2_CONFIGS = (
 
 
 def stage1_kernel():
-    return build(
-        STAGE1_TEMPLATE,
-        "_monarch_stage1_kernel",
-        NO_EPILOGUE,
-        STAGE1_CONFIGS,
-        ("M_CLASS", "IN", "P", "KB"),
-        __name__,
-    )
+    return build(STAGE1_TEMPLATE, "_monarch_stage1_kernel", NO_EPILOGUE, STAGE1_CONFIGS, ("M_CLASS", "IN", "P", "KB"), __name__)
 
 
 def stage2_kernel(epilogue: Epilogue = NO_EPILOGUE):
     """The built stage-2 kernel for ``epilogue`` (cached; ``.source`` is the generated code)."""
-    return build(
-        STAGE2_TEMPLATE,
-        "_monarch_stage2_kernel",
-        epilogue,
-        STAGE2_CONFIGS,
-        ("M_CLASS", "N", "S", "BK_IN"),
-        __name__,
-    )
+    return build(STAGE2_TEMPLATE, "_monarch_stage2_kernel", epilogue, STAGE2_CONFIGS, ("M_CLASS", "N", "S", "BK_IN"), __name__)
 
 
-def monarch_linear_ref(
-    x, L, R, out_features: int, bias=None, epilogue: str = "", aux=()
-) -> torch.Tensor:
+def monarch_linear_ref(x, L, R, out_features: int, bias=None, epilogue: str = "", aux=()) -> torch.Tensor:
     """The semantics: the layout note's ``monarch_ref`` (two bmm's and the regrouping), then the epilogue."""
     b, kb, p = R.shape
     k = kb // b
@@ -159,15 +135,11 @@ def monarch_linear_ref(
     y = torch.bmm(L, g).reshape(b * s, n)[:out_features].t()
     if bias is not None:
         y = y + bias
-    y = Epilogue.parse(epilogue).apply_ref(
-        y.float(), [a.reshape(n, out_features) for a in aux]
-    )
+    y = Epilogue.parse(epilogue).apply_ref(y.float(), [a.reshape(n, out_features) for a in aux])
     return y.to(x.dtype).reshape(*lead, out_features)
 
 
-def monarch_linear(
-    x, L, R, out_features: int, bias=None, epilogue: str = "", aux=(), *, wrap=None
-) -> torch.Tensor:
+def monarch_linear(x, L, R, out_features: int, bias=None, epilogue: str = "", aux=(), *, wrap=None) -> torch.Tensor:
     """Launch both stages: ``epilogue(monarch(x) + bias)``.
 
     Args:
@@ -177,23 +149,15 @@ def monarch_linear(
         wrap: ``torch.library.wrap_triton`` inside a ``triton_op``.
     """
     if R.dim() != 3 or L.dim() != 3:
-        raise KernelError(
-            f"Monarch factors must be L (b, s, b·k) and R (b, k·b, p), got {tuple(L.shape)}, {tuple(R.shape)}"
-        )
+        raise KernelError(f"Monarch factors must be L (b, s, b·k) and R (b, k·b, p), got {tuple(L.shape)}, {tuple(R.shape)}")
     b, kb, p = R.shape
     s = L.shape[1]
     if kb % b or L.shape != (b, s, kb):
-        raise KernelError(
-            f"Monarch factors disagree: R {tuple(R.shape)} needs L ({b}, s, {kb}), got {tuple(L.shape)}"
-        )
+        raise KernelError(f"Monarch factors disagree: R {tuple(R.shape)} needs L ({b}, s, {kb}), got {tuple(L.shape)}")
     n_in = x.shape[-1]
     if n_in > b * p or out_features > b * s:
-        raise KernelError(
-            f"x has {n_in} features and out is {out_features}; the factors cover {b * p} → {b * s}"
-        )
-    for name, t in (("L", L), ("R", R)) + (
-        (("bias", bias),) if bias is not None else ()
-    ):
+        raise KernelError(f"x has {n_in} features and out is {out_features}; the factors cover {b * p} → {b * s}")
+    for name, t in (("L", L), ("R", R)) + ((("bias", bias),) if bias is not None else ()):
         check_float(name, t, x.dtype, x.device)
     ep = Epilogue.parse(epilogue)
     x2 = rows_of(x, n_in)

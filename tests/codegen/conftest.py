@@ -40,9 +40,7 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def assert_close_to_truth(
-    out: torch.Tensor, ref_same_dtype: torch.Tensor, truth: torch.Tensor, what: str = ""
-) -> None:
+def assert_close_to_truth(out: torch.Tensor, ref_same_dtype: torch.Tensor, truth: torch.Tensor, what: str = "") -> None:
     """The kernel's error against the fp32 truth is at most twice the eager reference's (same dtype),
     plus a few units of the dtype's rounding at the output's scale.
 
@@ -57,9 +55,7 @@ def assert_close_to_truth(
     err = (out - truth).abs().max()
     bound = 2 * (ref - truth).abs().max() + 4 * eps * scale
     assert torch.isfinite(out).all(), f"{what}: non-finite output"
-    assert err <= bound, (
-        f"{what}: kernel error {err:.3g} > bound {bound:.3g} (eager error {(ref - truth).abs().max():.3g})"
-    )
+    assert err <= bound, f"{what}: kernel error {err:.3g} > bound {bound:.3g} (eager error {(ref - truth).abs().max():.3g})"
 
 
 @pytest.fixture

@@ -20,11 +20,7 @@ def _load():
 
 def test_benchmark_sections_run_at_tiny_sizes(device, capsys):
     bench = _load()
-    bench.LOWRANK_SHAPES = [
-        (3, 40, 24, 8),
-        (1, 24, 40, 4),
-        (260, 24, 40, 4),
-    ]  # the last: t given
+    bench.LOWRANK_SHAPES = [(3, 40, 24, 8), (1, 24, 40, 4), (260, 24, 40, 4)]  # the last: t given
     bench.GEMV_SHAPES = [(24, 64)]
     bench.GEMV_FORMATS = ("int4g32", "int8")
     bench.GEMM_SHAPES = [(20, 24, 64)]
@@ -46,12 +42,6 @@ def test_benchmark_sections_run_at_tiny_sizes(device, capsys):
     bench.bench_decode_proxy(device, dtype, 2, kernel_variants=True)
     out = capsys.readouterr().out
     assert bench.FAILURES == []
-    for heading in (
-        "Fused low-rank",
-        "Dequant-GEMV",
-        "Dequant-GEMM",
-        "Monarch",
-        "Decode proxy",
-    ):
+    for heading in ("Fused low-rank", "Dequant-GEMV", "Dequant-GEMM", "Monarch", "Decode proxy"):
         assert heading in out
     assert "kernel + fused epilogues" in out and out.count("×") > 8

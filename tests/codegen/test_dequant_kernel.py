@@ -11,13 +11,7 @@ from codegen.kernels import dequant as D
 from codegen.kernels.common import KernelError
 from passes import quant_formats as qf
 from passes.lq import LQLinear
-from passes.quant_storage import (
-    Int8Config,
-    IntNConfig,
-    NF4Config,
-    PackedWeight,
-    QuantizedLinear,
-)
+from passes.quant_storage import Int8Config, IntNConfig, NF4Config, PackedWeight, QuantizedLinear
 
 FORMATS = (
     Int8Config(),
@@ -51,12 +45,7 @@ def test_reference_decodes_the_stored_buffers(config):
     pw = _packed(config, 24, 70, torch.float32, "cpu")
     codes, constants, spec = _buffers(pw)
     assert D.QuantFormat.parse(spec) == D.QuantFormat.of(config)
-    torch.testing.assert_close(
-        D.dequantize_ref(codes, constants, spec, 70),
-        pw.dequantize(dtype=torch.float32),
-        rtol=0,
-        atol=0,
-    )
+    torch.testing.assert_close(D.dequantize_ref(codes, constants, spec, 70), pw.dequantize(dtype=torch.float32), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -77,18 +66,14 @@ def test_matches_reference(device, close_to_truth, config, dtype, rows):
 
 
 @pytest.mark.parametrize(
-    "config",
-    [Int8Config(), IntNConfig(4, 32), IntNConfig(3, 64), NF4Config(128, True)],
-    ids=lambda c: c.describe(),
+    "config", [Int8Config(), IntNConfig(4, 32), IntNConfig(3, 64), NF4Config(128, True)], ids=lambda c: c.describe()
 )
 def test_long_rows_accumulate_over_several_k_steps(device, close_to_truth, config):
     # 1100 columns: GEMV steps of 512 codes, the last one ragged
     out_f, inn = 24, 1100
     pw = _packed(config, out_f, inn, torch.float16, device)
     codes, constants, spec = _buffers(pw)
-    x = torch.randn(1, inn, generator=torch.Generator().manual_seed(2)).to(
-        device=device, dtype=torch.float16
-    )
+    x = torch.randn(1, inn, generator=torch.Generator().manual_seed(2)).to(device=device, dtype=torch.float16)
     out = D.quant_linear(x, codes, constants, spec, inn)
     ref = D.quant_linear_ref(x, codes, constants, spec, inn)
     truth = D.quant_linear_ref(x.double(), codes, constants, spec, inn)
@@ -122,23 +107,10 @@ def test_low_rank_term_and_epilogue(device, close_to_truth, dtype, rows):
         torch.randn(rows, out_f, generator=g),
     )
     x, down, up, aux = (t.to(device=device, dtype=dtype) for t in (x, down, up, aux))
-    out = D.quant_linear(
-        x, codes, constants, spec, inn, None, down, up, "silu,mul", [aux]
-    )
-    ref = D.quant_linear_ref(
-        x, codes, constants, spec, inn, None, down, up, "silu,mul", [aux]
-    )
+    out = D.quant_linear(x, codes, constants, spec, inn, None, down, up, "silu,mul", [aux])
+    ref = D.quant_linear_ref(x, codes, constants, spec, inn, None, down, up, "silu,mul", [aux])
     truth = D.quant_linear_ref(
-        x.double(),
-        codes,
-        constants,
-        spec,
-        inn,
-        None,
-        down.double(),
-        up.double(),
-        "silu,mul",
-        [aux.double()],
+        x.double(), codes, constants, spec, inn, None, down.double(), up.double(), "silu,mul", [aux.double()]
     )
     close_to_truth(out, ref, truth, f"LQ {dtype} m={rows}")
 
@@ -154,9 +126,7 @@ def test_bad_buffers_and_formats(device):
     with pytest.raises(KernelError, match="codes must be uint8"):
         D.quant_linear(x, codes[:, :-1], constants, spec, 64)
     with pytest.raises(KernelError, match="both low-rank factors"):
-        D.quant_linear(
-            x, codes, constants, spec, 64, None, torch.zeros(4, 64, device=device)
-        )
+        D.quant_linear(x, codes, constants, spec, 64, None, torch.zeros(4, 64, device=device))
 
 
 @pytest.mark.parametrize("rows", [1, 37], ids=lambda m: f"m{m}")
@@ -164,9 +134,7 @@ def test_modules_call_the_kernels_with_the_same_results(device, rows, monkeypatc
     """QuantizedLinear and LQLinear through ``decomp::quant_linear`` equal their eager torch code."""
     calls = []
     real = dispatch.quant_linear
-    monkeypatch.setattr(
-        dispatch, "quant_linear", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
+    monkeypatch.setattr(dispatch, "quant_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
     pw = _packed(IntNConfig(4, 32, True), 40, 96, torch.float32, device)
     bias = torch.nn.Parameter(torch.randn(40, device=device))

@@ -30,9 +30,7 @@ def _lowrank(out, inn, r, bias=True, seed=0):
 def _quantized(out, inn, seed=0):
     config = IntNConfig(4, 32)
     w = torch.randn(out, inn, generator=torch.Generator().manual_seed(seed))
-    return QuantizedLinear(
-        PackedWeight(config, (out, inn), torch.float32, config.encode(w)), None
-    )
+    return QuantizedLinear(PackedWeight(config, (out, inn), torch.float32, config.encode(w)), None)
 
 
 class SwiGLUBlock(nn.Module):
@@ -40,10 +38,7 @@ class SwiGLUBlock(nn.Module):
 
     def __init__(self, d=48, hidden=96):
         super().__init__()
-        self.gate, self.up = (
-            _lowrank(hidden, d, 8, False, 1),
-            _lowrank(hidden, d, 8, False, 2),
-        )
+        self.gate, self.up = (_lowrank(hidden, d, 8, False, 1), _lowrank(hidden, d, 8, False, 2))
         self.down = _quantized(d, hidden, 3)
 
     def forward(self, x):
@@ -56,10 +51,7 @@ def _compile_fused(model, x):
     seen = []
 
     def backend(gm, example_inputs):
-        ops_before = {
-            name: _count(gm, name)
-            for name in ("decomp.lowrank_linear", "decomp.quant_linear")
-        }
+        ops_before = {name: _count(gm, name) for name in ("decomp.lowrank_linear", "decomp.quant_linear")}
         seen.append((ops_before, fuse_epilogues(gm), gm))
         return gm.forward
 
@@ -69,9 +61,7 @@ def _compile_fused(model, x):
 
 
 def _count(gm, name):
-    return sum(
-        1 for n in gm.graph.nodes if n.op == "call_function" and name in str(n.target)
-    )
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and name in str(n.target))
 
 
 def test_swiglu_and_residual_chains_become_one_kernel_each(device):
@@ -81,10 +71,7 @@ def test_swiglu_and_residual_chains_become_one_kernel_each(device):
     fused, (ops_before, report, gm) = _compile_fused(model, x)
     assert ops_before == {"decomp.lowrank_linear": 2, "decomp.quant_linear": 1}
     # gate → silu → ·up is one kernel, down → +x another: silu, mul and add no longer launch
-    assert [(f.op, f.steps) for f in report.fused] == [
-        ("lowrank_linear", ("silu", "mul")),
-        ("quant_linear", ("add",)),
-    ]
+    assert [(f.op, f.steps) for f in report.fused] == [("lowrank_linear", ("silu", "mul")), ("quant_linear", ("add",))]
     assert report.kernels_removed == 3 and report.round_trips_avoided == 3
     assert _count(gm, "silu") == 0 and _count(gm, "mul") == 0 and _count(gm, "add") == 0
     with torch.no_grad(), dispatch.force_kernels(False):
@@ -120,11 +107,7 @@ def test_backend_fuses_and_matches_eager(device, monkeypatch):
     (the interpreter on CPU) and the result equals eager."""
     reports = []
     real = codegen.fusion.fuse_epilogues
-    monkeypatch.setattr(
-        codegen.fusion,
-        "fuse_epilogues",
-        lambda gm: reports.append(real(gm)) or reports[-1],
-    )
+    monkeypatch.setattr(codegen.fusion, "fuse_epilogues", lambda gm: reports.append(real(gm)) or reports[-1])
     torch.manual_seed(0)
     model = SwiGLUBlock().eval().to(device)
     x = torch.randn(3, 48, device=device)
@@ -144,17 +127,8 @@ def test_backend_plan_runners_are_lowered_to_the_operators(device, monkeypatch, 
     """Planning inside the compile: the backend's replacement calls become decomp ops, fused."""
     reports = []
     real = codegen.fusion.fuse_epilogues
-    monkeypatch.setattr(
-        codegen.fusion,
-        "fuse_epilogues",
-        lambda gm: reports.append(real(gm)) or reports[-1],
-    )
-    plan = passes.Plan(
-        {
-            "fc1.weight": passes.LowRankConfig(8, False),
-            "fc2.weight": passes.LowRankConfig(8, False),
-        }
-    )
+    monkeypatch.setattr(codegen.fusion, "fuse_epilogues", lambda gm: reports.append(real(gm)) or reports[-1])
+    plan = passes.Plan({"fc1.weight": passes.LowRankConfig(8, False), "fc2.weight": passes.LowRankConfig(8, False)})
     mlp = mlp.to(device)
     x = torch.randn(6, 48, device=device)
     with torch.no_grad():

@@ -11,13 +11,7 @@ from codegen.kernels.common import KernelError
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (rows, in, rank, out): batch-1 decode, ragged everything, rank not a power of two, rank > BK,
 # prefill rows (≥ T_GIVEN_ROWS: t = x·downᵀ computed once, the kernel loads it)
-SHAPES = (
-    (1, 48, 8, 40),
-    (37, 70, 5, 45),
-    (130, 96, 20, 200),
-    (3, 33, 64, 17),
-    (300, 70, 12, 45),
-)
+SHAPES = ((1, 48, 8, 40), (37, 70, 5, 45), (130, 96, 20, 200), (3, 33, 64, 17), (300, 70, 12, 45))
 
 
 def _factors(m, k, r, n, dtype, device, seed=0):
@@ -42,27 +36,15 @@ def test_matches_reference(device, close_to_truth, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(
-    "epilogue", ["silu,mul", "gelu,add", "gelu_tanh", "relu,add,mul"]
-)
+@pytest.mark.parametrize("epilogue", ["silu,mul", "gelu,add", "gelu_tanh", "relu,add,mul"])
 def test_fused_epilogue(device, close_to_truth, dtype, epilogue):
     x, down, up, bias = _factors(37, 70, 12, 45, dtype, device, seed=1)
     n_aux = epilogue.count("mul") + epilogue.count("add")
     g = torch.Generator().manual_seed(2)
-    aux = [
-        torch.randn(37, 45, generator=g).to(device=device, dtype=dtype)
-        for _ in range(n_aux)
-    ]
+    aux = [torch.randn(37, 45, generator=g).to(device=device, dtype=dtype) for _ in range(n_aux)]
     out = K.lowrank_linear(x, down, up, bias, epilogue, aux)
     ref = K.lowrank_linear_ref(x, down, up, bias, epilogue, aux)
-    truth = K.lowrank_linear_ref(
-        x.double(),
-        down.double(),
-        up.double(),
-        bias.double(),
-        epilogue,
-        [a.double() for a in aux],
-    )
+    truth = K.lowrank_linear_ref(x.double(), down.double(), up.double(), bias.double(), epilogue, [a.double() for a in aux])
     close_to_truth(out, ref, truth, f"{dtype} {epilogue}")
 
 
@@ -73,14 +55,7 @@ def test_prefill_rows_take_the_t_given_variant(device, close_to_truth):
     aux = [torch.randn(m, 24).to(device=device, dtype=torch.float16)]
     out = K.lowrank_linear(x, down, up, bias, "silu,mul", aux)
     ref = K.lowrank_linear_ref(x, down, up, bias, "silu,mul", aux)
-    truth = K.lowrank_linear_ref(
-        x.double(),
-        down.double(),
-        up.double(),
-        bias.double(),
-        "silu,mul",
-        [aux[0].double()],
-    )
+    truth = K.lowrank_linear_ref(x.double(), down.double(), up.double(), bias.double(), "silu,mul", [aux[0].double()])
     close_to_truth(out, ref, truth, "t given")
     assert "if T_GIVEN:" in K.kernel().source
 
@@ -90,9 +65,7 @@ def test_leading_dims_and_no_bias(device):
     x3 = x.view(3, 4, 40)
     out = K.lowrank_linear(x3, down, up, None)
     assert out.shape == (3, 4, 24)
-    torch.testing.assert_close(
-        out, K.lowrank_linear_ref(x3, down, up), rtol=1e-5, atol=1e-5
-    )
+    torch.testing.assert_close(out, K.lowrank_linear_ref(x3, down, up), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_arguments_name_the_problem(device):

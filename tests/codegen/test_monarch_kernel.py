@@ -11,12 +11,7 @@ from codegen.kernels.common import KernelError
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (rows, in, out, blocks, rank): square √n, ragged in/out (padding, cropping), rank > 1
-SHAPES = (
-    (1, 64, 64, 8, 1),
-    (37, 70, 45, 4, 2),
-    (9, 100, 120, 8, 3),
-    (20, 256, 256, 16, 1),
-)
+SHAPES = ((1, 64, 64, 8, 1), (37, 70, 45, 4, 2), (9, 100, 120, 8, 3), (20, 256, 256, 16, 1))
 
 
 def _factors(m, inn, out, b, k, dtype, device, seed=0):
@@ -50,31 +45,16 @@ def test_matches_reference(device, close_to_truth, dtype, shape):
 def test_reference_is_the_layout_of_passes_monarch():
     monarch = pytest.importorskip("passes.monarch")
     x, L, R, bias = _factors(5, 70, 45, 4, 2, torch.float32, "cpu")
-    torch.testing.assert_close(
-        K.monarch_linear_ref(x, L, R, 45, bias),
-        monarch.monarch_forward(x, L, R, 45, bias),
-    )
+    torch.testing.assert_close(K.monarch_linear_ref(x, L, R, 45, bias), monarch.monarch_forward(x, L, R, 45, bias))
 
 
 @pytest.mark.parametrize("epilogue", ["silu,mul", "add"])
 def test_fused_epilogue(device, close_to_truth, epilogue):
     x, L, R, bias = _factors(13, 64, 48, 8, 2, torch.float16, device, seed=4)
-    aux = [
-        torch.randn(13, 48, generator=torch.Generator().manual_seed(5)).to(
-            device=device, dtype=torch.float16
-        )
-    ]
+    aux = [torch.randn(13, 48, generator=torch.Generator().manual_seed(5)).to(device=device, dtype=torch.float16)]
     y = K.monarch_linear(x, L, R, 48, bias, epilogue, aux)
     ref = K.monarch_linear_ref(x, L, R, 48, bias, epilogue, aux)
-    truth = K.monarch_linear_ref(
-        x.double(),
-        L.double(),
-        R.double(),
-        48,
-        bias.double(),
-        epilogue,
-        [aux[0].double()],
-    )
+    truth = K.monarch_linear_ref(x.double(), L.double(), R.double(), 48, bias.double(), epilogue, [aux[0].double()])
     close_to_truth(y, ref, truth, epilogue)
 
 
@@ -95,13 +75,9 @@ def test_module_calls_the_kernel(device, monkeypatch):
 
     calls = []
     real = dispatch.monarch_linear
-    monkeypatch.setattr(
-        dispatch, "monarch_linear", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
+    monkeypatch.setattr(dispatch, "monarch_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     x, L, R, bias = _factors(5, 70, 45, 4, 2, torch.float32, device)
-    module = monarch.MonarchLinear(
-        nn.Parameter(L), nn.Parameter(R), nn.Parameter(bias), 45, 70
-    )
+    module = monarch.MonarchLinear(nn.Parameter(L), nn.Parameter(R), nn.Parameter(bias), 45, 70)
     with torch.no_grad():
         with dispatch.force_kernels(False):
             eager = module(x)

@@ -11,11 +11,7 @@ from codegen.template import ACTIVATIONS, Epilogue, EpilogueError, build, shape_
 
 def test_epilogue_spec_round_trip_and_errors():
     ep = Epilogue.parse(" silu, mul ,add")
-    assert (
-        ep.steps == ("silu", "mul", "add")
-        and ep.spec == "silu,mul,add"
-        and ep.n_aux == 2
-    )
+    assert ep.steps == ("silu", "mul", "add") and ep.spec == "silu,mul,add" and ep.n_aux == 2
     assert Epilogue.parse("") == Epilogue()
     with pytest.raises(EpilogueError, match="valid"):
         Epilogue.parse("silu,tanh")
@@ -30,15 +26,10 @@ def test_generated_source_fuses_the_epilogue(device, make):
     plain = make(Epilogue())
     fused = make(Epilogue.parse("silu,mul,add"))
     src = fused.source
-    body = src[
-        src.rindex("@triton.jit") :
-    ]  # the kernel is the template's last function
+    body = src[src.rindex("@triton.jit") :]  # the kernel is the template's last function
     # the chain runs on the accumulator, before the kernel's only global store
     assert ACTIVATIONS["silu"] in body
-    assert (
-        "acc = acc * tl.load(aux0_ptr + out_offs" in body
-        and "acc = acc + tl.load(aux1_ptr + out_offs" in body
-    )
+    assert "acc = acc * tl.load(aux0_ptr + out_offs" in body and "acc = acc + tl.load(aux1_ptr + out_offs" in body
     assert body.count("tl.store(") == 1
     assert body.index(ACTIVATIONS["silu"]) < body.index("tl.store(")
     assert "aux0_ptr, aux1_ptr," in body
@@ -51,25 +42,8 @@ def test_generated_source_fuses_the_epilogue(device, make):
 
 def test_template_without_slot_refuses_an_epilogue():
     with pytest.raises(EpilogueError, match="slot"):
-        build(
-            "def ${KERNEL}(${AUX_PARAMS}):\n    pass\n",
-            "_k",
-            Epilogue.parse("relu"),
-            ({},),
-            (),
-            __name__,
-        )
+        build("def ${KERNEL}(${AUX_PARAMS}):\n    pass\n", "_k", Epilogue.parse("relu"), ({},), (), __name__)
 
 
 def test_shape_classes():
-    assert [shape_class(m) for m in (1, 2, 3, 16, 17, 500, 512, 513, 10**6)] == [
-        1,
-        2,
-        4,
-        16,
-        32,
-        512,
-        512,
-        1024,
-        4096,
-    ]
+    assert [shape_class(m) for m in (1, 2, 3, 16, 17, 500, 512, 513, 10**6)] == [1, 2, 4, 16, 32, 512, 512, 1024, 4096]
