@@ -94,7 +94,7 @@ def quant_linear(x, packed, bias=None, down=None, up=None, epilogue: str = "", a
     if _direct(x):  # eager CUDA: the op's own body, without the dispatcher's per-call cost
         from codegen.kernels import dequant
 
-        if down is None or dequant.next_pow2(max(16, down.shape[0])) <= dequant.MAX_RANK:
+        if dequant.supports(down):
             return dequant.quant_linear(x, packed.codes, constants, fmt.spec, packed.shape[1], bias, down, up, epilogue, aux)
     return _ops().quant_linear(x, packed.codes, constants, fmt.spec, packed.shape[1], bias, down, up, epilogue, list(aux))
 

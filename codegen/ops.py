@@ -75,10 +75,6 @@ def lowrank_linear(x: Tensor, down: Tensor, up: Tensor, bias: Tensor | None, epi
 # ---- dequantize + matmul (+ low-rank) ---------------------------------------------------------
 
 
-def _fits_quant(down: Tensor | None) -> bool:
-    return down is None or _dequant.next_pow2(max(16, down.shape[0])) <= _dequant.MAX_RANK
-
-
 @torch.library.custom_op("decomp::quant_linear_host", mutates_args=())
 def _quant_host(
     x: Tensor,
@@ -92,7 +88,7 @@ def _quant_host(
     epilogue: str,
     aux: list[Tensor],
 ) -> Tensor:
-    if interpreter_active() and _fits_quant(down):
+    if interpreter_active() and _dequant.supports(down):
         return _dequant.quant_linear(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux)
     return _dequant.quant_linear_ref(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux)
 
@@ -116,7 +112,7 @@ def quant_linear(
     aux: list[Tensor],
 ) -> Tensor:
     """``epilogue(x·deq(W)ᵀ [+ (x·downᵀ)·upᵀ] + bias)``; see :func:`codegen.kernels.dequant.quant_linear`."""
-    if _on_gpu(x) and _fits_quant(down):
+    if _on_gpu(x) and _dequant.supports(down):
         return _dequant.quant_linear(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux, wrap=wrap_triton)
     if _on_gpu(x):
         return _dequant.quant_linear_ref(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux)

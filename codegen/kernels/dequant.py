@@ -60,6 +60,7 @@ __all__ = [
     "gemv_kernel",
     "quant_linear",
     "quant_linear_ref",
+    "supports",
 ]
 
 #: Row counts up to this take the GEMV path.
@@ -67,6 +68,11 @@ GEMV_MAX_M = 4
 
 #: Largest padded rank of the fused low-rank term.
 MAX_RANK = 256
+
+
+def supports(down: torch.Tensor | None) -> bool:
+    """Whether the kernel takes this LQ low-rank term (none, or a padded rank ≤ :data:`MAX_RANK`)."""
+    return down is None or next_pow2(max(16, down.shape[0])) <= MAX_RANK
 
 CONSTANT_BLOCK = 256  # passes.quant_formats.CONSTANT_BLOCK (checked in the tests)
 
@@ -473,7 +479,7 @@ def quant_linear(
             raise KernelError(f"low-rank factors must be down (r, {cols}) and up ({n}, r)")
         check_float("down", down, x.dtype, x.device)
         check_float("up", up, x.dtype, x.device)
-        if next_pow2(max(16, r)) > MAX_RANK:
+        if not supports(down):
             raise KernelError(f"rank {r} exceeds the fused limit {MAX_RANK}; use quant_linear_ref")
     ep = parse_epilogue(epilogue)
     x2 = rows_of(x, cols)
