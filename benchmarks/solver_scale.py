@@ -20,8 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cost_model import solver
-from cost_model.solver import Option, solve
+from cost_model import solver  # noqa: E402  (path set up above for running as a script)
+from cost_model.solver import Option, solve  # noqa: E402
 
 __all__ = ["main", "make_instance"]
 

@@ -3,22 +3,9 @@
 The solver lives in ``cost_model.solver`` and imports OR-Tools only when called.
 """
 
-from cost_model.calibration import (
-    CalibrationError,
-    SiteStats,
-    check_calibration,
-    collect_statistics,
-)
+from cost_model.calibration import CalibrationError, SiteStats, check_calibration, collect_statistics
 from cost_model.error import perturbation_error
-from cost_model.latency import (
-    PROFILES,
-    DeviceProfile,
-    MatmulCost,
-    dense_cost,
-    get_profile,
-    matmul_cost,
-    roofline_seconds,
-)
+from cost_model.latency import PROFILES, DeviceProfile, MatmulCost, dense_cost, get_profile, matmul_cost, roofline_seconds
 from cost_model.memory import dtype_size, format_bytes, stored_bytes
 
 __all__ = [

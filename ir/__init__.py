@@ -5,14 +5,7 @@ No transform logic lives here.
 
 from ir.capture import CaptureError, capture, split_inputs
 from ir.graph import shared_input_groups, to_networkx
-from ir.sites import (
-    SkippedParameter,
-    UseKind,
-    WeightSite,
-    WeightUse,
-    find_weight_sites,
-    sites_from_modules,
-)
+from ir.sites import SkippedParameter, UseKind, WeightSite, WeightUse, find_weight_sites, sites_from_modules
 
 __all__ = [
     "CaptureError",

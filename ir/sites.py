@@ -116,7 +116,7 @@ class SkippedParameter:
 
 def _kind_of(node: torch.fx.Node, placeholder: str) -> UseKind | None:
     args = node.args
-    name_at = lambda i: getattr(args[i], "name", None) if len(args) > i else None
+    name_at = lambda i: getattr(args[i], "name", None) if len(args) > i else None  # noqa: E731
     if node.target == aten.linear.default and name_at(1) == placeholder:
         return UseKind.LINEAR
     if node.target == aten.addmm.default and name_at(2) == placeholder:

@@ -22,14 +22,7 @@ from passes.kronecker import KroneckerConfig
 from passes.lowrank import LowRankConfig
 from passes.lq import LQConfig
 from passes.monarch import MonarchConfig
-from passes.pipeline import (
-    DEFAULT_TRANSFORMS,
-    RewriteError,
-    apply,
-    load,
-    optimize,
-    save,
-)
+from passes.pipeline import DEFAULT_TRANSFORMS, RewriteError, apply, load, optimize, save
 from passes.plan import Plan
 from passes.quant_storage import Int8Config, IntNConfig, NF4Config
 from passes.reparametrize import reparametrize

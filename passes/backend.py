@@ -467,10 +467,7 @@ def decomp_backend(
         dec = _decomposition_for(params, options)
         if dec is not None:
             _rewrite_graph(gm, params, dec)
-    from codegen.fusion import (  # light: triton only when a kernel runs
-        fuse_epilogues,
-        should_fuse,
-    )
+    from codegen.fusion import fuse_epilogues, should_fuse  # light: triton only when a kernel runs
 
     if should_fuse(example_inputs):  # CUDA inputs: rewritten linears + their elementwise tails → one kernel
         fuse_epilogues(gm)

@@ -71,21 +71,8 @@ from cost_model import MatmulCost, SiteStats, matmul_cost, perturbation_error
 from ir import UseKind, WeightSite
 from passes import quant_formats as qf
 from passes.config import TransformConfig, register_config
-from passes.quant_storage import (
-    BITS,
-    GROUP_SIZES,
-    Buffers,
-    IntNConfig,
-    PackedWeight,
-    QuantizedLinear,
-)
-from passes.transform import (
-    Candidate,
-    Transform,
-    Workspace,
-    register_transform,
-    replace_module,
-)
+from passes.quant_storage import BITS, GROUP_SIZES, Buffers, IntNConfig, PackedWeight, QuantizedLinear
+from passes.transform import Candidate, Transform, Workspace, register_transform, replace_module
 
 __all__ = ["DAMPING", "GPTQConfig", "GPTQTransform", "candidate_configs", "gptq_encode", "inverse_hessian_factor"]
 

@@ -47,13 +47,7 @@ from codegen import dispatch
 from cost_model import MatmulCost, SiteStats, matmul_cost
 from ir import UseKind, WeightSite
 from passes.config import TransformConfig, register_config
-from passes.transform import (
-    Candidate,
-    Transform,
-    Workspace,
-    register_transform,
-    replace_module,
-)
+from passes.transform import Candidate, Transform, Workspace, register_transform, replace_module
 
 __all__ = [
     "LowRankConfig",

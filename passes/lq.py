@@ -88,22 +88,8 @@ from codegen import dispatch
 from cost_model import MatmulCost, SiteStats, matmul_cost
 from ir import UseKind, WeightSite
 from passes.config import TransformConfig, register_config
-from passes.quant_storage import (
-    BITS,
-    GROUP_SIZES,
-    Int8Config,
-    IntNConfig,
-    NF4Config,
-    PackedWeight,
-    QuantConfig,
-)
-from passes.transform import (
-    Candidate,
-    Transform,
-    Workspace,
-    register_transform,
-    replace_module,
-)
+from passes.quant_storage import BITS, GROUP_SIZES, Int8Config, IntNConfig, NF4Config, PackedWeight, QuantConfig
+from passes.transform import Candidate, Transform, Workspace, register_transform, replace_module
 
 __all__ = ["Alternation", "LQConfig", "LQEmbedding", "LQLinear", "LQTransform", "alternate", "candidate_configs"]
 

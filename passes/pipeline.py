@@ -20,14 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cost_model import (
-    check_calibration,
-    collect_statistics,
-    dense_cost,
-    get_profile,
-    roofline_seconds,
-    stored_bytes,
-)
+from cost_model import check_calibration, collect_statistics, dense_cost, get_profile, roofline_seconds, stored_bytes
 from ir import WeightSite, capture, find_weight_sites, sites_from_modules, split_inputs
 from passes import blockdiag as _blockdiag  # noqa: F401
 from passes import gptq as _gptq  # noqa: F401
@@ -125,7 +118,7 @@ def optimize(
     model: nn.Module,
     example_inputs: Any,
     *,
-    target_memory: float,
+    target_memory: float | int,
     calibration: Iterable[Any] | None = None,
     transforms: Sequence[str] = DEFAULT_TRANSFORMS,
     target_latency: float | None = None,
@@ -263,11 +256,7 @@ def _check_target_latency(target_latency: Any) -> None:
 
 def _solve(options, latency, target_bytes, target_latency, *, fixed_bytes, time_limit_s):
     """One option per site: memory row always, latency row when asked; errors in user terms."""
-    from cost_model.solver import (  # imports OR-Tools only when it runs
-        InfeasibleBudgetError,
-        Option,
-        solve,
-    )
+    from cost_model.solver import InfeasibleBudgetError, Option, solve  # imports OR-Tools only when it runs
 
     latency_dense_ns = sum(lat[0] for lat in latency.values())
     budgets = {"memory": target_bytes}

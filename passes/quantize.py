@@ -46,11 +46,7 @@ from torch import nn
 from cost_model import MatmulCost, SiteStats, matmul_cost
 from ir import UseKind, WeightSite
 from passes.config import TransformConfig
-from passes.int8_outlier import (
-    Int8OutlierConfig,
-    outlier_candidate,
-    rewrite_int8_outlier,
-)
+from passes.int8_outlier import Int8OutlierConfig, outlier_candidate, rewrite_int8_outlier
 from passes.quant_storage import (
     BITS,
     GROUP_SIZES,
@@ -62,13 +58,7 @@ from passes.quant_storage import (
     QuantizedEmbedding,
     QuantizedLinear,
 )
-from passes.transform import (
-    Candidate,
-    Transform,
-    Workspace,
-    register_transform,
-    replace_module,
-)
+from passes.transform import Candidate, Transform, Workspace, register_transform, replace_module
 
 __all__ = [
     "QuantizeTransform",

@@ -7,21 +7,15 @@ import copy
 import pytest
 import torch
 from torch import nn
-from toy_models import MLP
 
 import passes
 from cost_model import SiteStats, perturbation_error, stored_bytes
 from ir import sites_from_modules
 from passes.config import config_from_dict, config_to_dict
-from passes.gptq import (
-    GPTQConfig,
-    GPTQTransform,
-    candidate_configs,
-    gptq_encode,
-    inverse_hessian_factor,
-)
+from passes.gptq import GPTQConfig, GPTQTransform, candidate_configs, gptq_encode, inverse_hessian_factor
 from passes.quant_storage import IntNConfig, PackedWeight
 from passes.transform import Workspace
+from toy_models import MLP
 
 T = GPTQTransform()
 
