@@ -347,21 +347,26 @@ def _bench(fn, *args) -> float:
 def _bench_graph(fn, calls: int = 10, reps: int = 20) -> float:
     """Median milliseconds per call of ``fn`` replayed from one CUDA graph (no launch overhead)."""
     fn()
+    return _graph_ms([fn], calls, reps, warm=3)
+
+
+def _graph_ms(fns, calls: int, reps: int, warm: int = 1) -> float:
+    """Median milliseconds per call of one CUDA graph holding ``calls`` calls of ``fns``, round robin.
+
+    Each fn runs ``warm`` times on a side stream first (what capture needs), then the graph is
+    replayed ``reps`` times.
+    """
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
+        for _ in range(warm):
+            for fn in fns:
+                fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return _replay_ms(graph, calls, reps)
-
-
-def _replay_ms(graph, calls: int, reps: int) -> float:
-    """Median milliseconds per call over ``reps`` replays of ``graph`` (``calls`` calls each)."""
+        for i in range(calls):
+            fns[i % len(fns)]()
     graph.replay()
     torch.cuda.synchronize()
     times = []
@@ -390,20 +395,7 @@ def _cold(make, calls: int = 24, reps: int = 15) -> float:
     for fn in fns:  # tunes (the first call of a shape class) and compiles before capture
         fn()
     torch.cuda.synchronize()
-    calls = max(calls, copies)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fns[i % copies]()
-    ms = _replay_ms(graph, calls, reps)
-    del graph, fns
-    return ms
+    return _graph_ms(fns, max(calls, copies), reps)
 
 
 def _nbytes(*tensors) -> int:
