@@ -21,6 +21,7 @@ and as one CUDA graph per step. Every row names the card it ran on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import sys
@@ -630,7 +631,7 @@ def bench_decode_proxy(device, dtype, n_layers, kernel_variants: bool | None = N
             with torch.no_grad():
                 return step(x)
 
-        with dispatch.force_kernels(kernels) if kernels is not None else _null():
+        with dispatch.force_kernels(kernels) if kernels is not None else contextlib.nullcontext():
             eager = _wall(run, cuda)
             graph = _guard(f"graph {label}", _bench_graph, run, 5, 10) if cuda else None
         cells = [label, f"{eager:.3f}", f"{1e3 / eager:.0f}"]
@@ -638,14 +639,6 @@ def bench_decode_proxy(device, dtype, n_layers, kernel_variants: bool | None = N
             cells += [f"{graph:.3f}" if graph else "—", f"{1e3 / graph:.0f}" if graph else "—"]
         _print_row(*cells, f"{mb:.1f}")
         del layers
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _wall(fn, cuda: bool, reps: int = 20) -> float:
