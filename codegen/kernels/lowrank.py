@@ -10,10 +10,11 @@ extra program, which pays at small M where there are too few row blocks to fill 
 tuner chooses per shape class).
 
 From :data:`T_GIVEN_ROWS` rows on (prefill), or when ``down`` is large
-(:data:`T_GIVEN_DOWN`), recomputing ``t`` per program costs more than it saves: the wrapper computes ``t = x·downᵀ`` once with one torch matmul (cuBLAS; ``M × r``, a
-small tensor) and the kernel, in its ``T_GIVEN`` variant, loads ``t`` instead of computing it,
-so every output tile can have its own program at no extra work. The bias and the epilogue stay
-fused into the second product, which is where the output-sized round trips are.
+(:data:`T_GIVEN_DOWN`), recomputing ``t`` per program costs more than it saves: the wrapper
+computes ``t = x·downᵀ`` once with one torch matmul (cuBLAS; ``M × r``, a small tensor) and
+the kernel, in its ``T_GIVEN`` variant, loads ``t`` instead of computing it, so every output
+tile can have its own program at no extra work. The bias and the epilogue stay fused into the
+second product, which is where the output-sized round trips are.
 
 Ranks whose padded size exceeds :data:`MAX_RANK` do not fit on chip: :func:`supports` says so
 and the callers keep the two-matmul path.
