@@ -172,9 +172,10 @@ def test_the_solver_mixes_structured_families_with_the_others():
     torch.testing.assert_close(replayed(x), opt(x))
 
 
-def test_save_and_load_restore_structured_factors(tmp_path):
+def _every_structure(out: int):
+    """(model, plan, rewritten model): a 3-layer MLP with one Monarch, one Kronecker, one block-diagonal layer."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64), nn.GELU(), nn.Linear(64, 64)).eval()
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64), nn.GELU(), nn.Linear(64, out)).eval()
     plan = passes.Plan(
         {
             "0.weight": MonarchConfig(4, 2, False),
@@ -182,7 +183,11 @@ def test_save_and_load_restore_structured_factors(tmp_path):
             "4.weight": BlockDiagConfig(4, True, False),
         }
     )
-    optimized = passes.apply(model, plan, progress=False)
+    return model, plan, passes.apply(model, plan, progress=False)
+
+
+def test_save_and_load_restore_structured_factors(tmp_path):
+    model, plan, optimized = _every_structure(out=64)
     passes.save(optimized, tmp_path)
     restored = passes.load(tmp_path, model)
     x = torch.randn(5, 64)
@@ -194,16 +199,7 @@ def test_structured_modules_export_to_onnx_runtime(tmp_path):
     pytest.importorskip("onnxruntime")
     from passes.export import OnnxModule
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64), nn.GELU(), nn.Linear(64, 40)).eval()
-    plan = passes.Plan(
-        {
-            "0.weight": MonarchConfig(4, 2, False),
-            "2.weight": KroneckerConfig(8, 8, 3, False),
-            "4.weight": BlockDiagConfig(4, True, False),
-        }
-    )
-    optimized = passes.apply(model, plan, progress=False)
+    _, _, optimized = _every_structure(out=40)
     passes.export_onnx(optimized, (torch.randn(5, 64),), tmp_path / "model.onnx")
     x = torch.randn(7, 64)  # another batch size: the export is dynamic
     torch.testing.assert_close(OnnxModule(tmp_path / "model.onnx")(x), optimized(x), rtol=1e-5, atol=1e-6)
