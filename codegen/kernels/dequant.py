@@ -164,6 +164,16 @@ def _constant(vals_ptr, blocks_ptr, idx, mask, DQ: tl.constexpr):
 
 
 @triton.jit
+def _nf4_values(cb_ptr, q):
+    """``codebook[q]`` from the 16 codebook values held in registers (``tl.gather``): a gather from
+    global memory per code would be an indirect load, which the loop pipeliner stages through
+    shared memory at a tile's full size per stage."""
+    cb = tl.load(cb_ptr + tl.arange(0, 16))
+    flat = tl.reshape(q, (q.numel,))
+    return tl.reshape(tl.gather(cb, flat, 0), q.shape)
+
+
+@triton.jit
 def _weight_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
                  KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr,
                  BN: tl.constexpr, BK: tl.constexpr):
@@ -227,7 +237,7 @@ def _packed_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_ma
         w = q.to(tl.float32) * s[:, :, None] + mn[:, :, None]
     else:
         a = _constant(c0_ptr, c1_ptr, idx, cmask, DQ)
-        w = tl.load(cb_ptr + q) * a[:, :, None]
+        w = _nf4_values(cb_ptr, q) * a[:, :, None]
     return tl.reshape(w, (BN, BK))
 '''
 )
@@ -246,7 +256,7 @@ GEMV_TEMPLATE = (
 def ${KERNEL}("""
     + _PARAMS
     + """
-    BN: tl.constexpr, BK: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, LS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
@@ -260,7 +270,9 @@ def ${KERNEL}("""
         part = tl.zeros((BN, BK), dtype=tl.float32)
     else:
         part = tl.zeros((BN, BK // GROUP), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    # LS tiles in flight per program: the loop-level num_stages pipelines these loads through
+    # shared memory (the kernel-level num_stages only pipelines loads that feed a tl.dot)
+    for k0 in tl.range(0, K, BK, num_stages=LS):
         offs_k = k0 + tl.arange(0, BK)
         xk = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
         if KIND == 2:
@@ -280,7 +292,7 @@ def ${KERNEL}("""
                 part += tl.sum(q.to(tl.float32) * x3[None, :, :], axis=2) * s + mn * tl.sum(x3, axis=1)[None, :]
             else:
                 a = _constant(c0_ptr, c1_ptr, idx, cmask, DQ)
-                part += tl.sum(tl.load(cb_ptr + q) * x3[None, :, :], axis=2) * a
+                part += tl.sum(_nf4_values(cb_ptr, q) * x3[None, :, :], axis=2) * a
     acc = tl.sum(part, axis=1)
     if KIND == 2:
         acc = acc * tl.load(c0_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -342,20 +354,19 @@ def ${KERNEL}("""
 )
 
 #: GEMV tuning space (the first is the untuned default). Batch-1 decode reads each weight byte once,
-#: so the tiles are sized for memory-level parallelism: 2–4 KB of int4 codes per program and
-#: iteration (16–32 contiguous bytes per thread), few rows per program so that a 4096-row weight
-#: gives 256–1024 programs (2–8 per SM on 132 SMs) with short K loops.
+#: so the tiles are sized for memory-level parallelism: 1–4 KB of int4 codes per program and
+#: iteration, few rows per program so that a 4096-row weight gives 256–2048 programs, and ``LS``
+#: iterations in flight per program (a loop-level ``num_stages``: without it the K loop waited on
+#: each load in turn, and the H100 reached only 1.0–1.6 TB/s, runs 3–4).
 GEMV_CONFIGS = (
-    {"BN": 8, "BK": 512, "num_warps": 4, "num_stages": 3},
-    {"BN": 4, "BK": 1024, "num_warps": 4, "num_stages": 3},
-    {"BN": 16, "BK": 512, "num_warps": 4, "num_stages": 2},
-    {"BN": 8, "BK": 1024, "num_warps": 8, "num_stages": 2},
-    {"BN": 16, "BK": 256, "num_warps": 4, "num_stages": 4},
-    {"BN": 32, "BK": 256, "num_warps": 8, "num_stages": 2},
-    # more bytes in flight per SM (H100 run 3 reached 1.0–1.6 TB/s with the six above)
-    {"BN": 4, "BK": 512, "num_warps": 4, "num_stages": 5},
-    {"BN": 2, "BK": 1024, "num_warps": 4, "num_stages": 4},
-    {"BN": 8, "BK": 256, "num_warps": 2, "num_stages": 6},
+    {"BN": 8, "BK": 512, "LS": 3, "num_warps": 4, "num_stages": 3},
+    {"BN": 8, "BK": 256, "LS": 4, "num_warps": 4, "num_stages": 4},
+    {"BN": 4, "BK": 512, "LS": 4, "num_warps": 4, "num_stages": 4},
+    {"BN": 16, "BK": 256, "LS": 3, "num_warps": 4, "num_stages": 3},
+    {"BN": 16, "BK": 512, "LS": 3, "num_warps": 8, "num_stages": 3},
+    {"BN": 4, "BK": 1024, "LS": 3, "num_warps": 4, "num_stages": 3},
+    {"BN": 2, "BK": 1024, "LS": 4, "num_warps": 4, "num_stages": 4},
+    {"BN": 32, "BK": 256, "LS": 2, "num_warps": 8, "num_stages": 2},
 )
 #: GEMM tuning space: tensor-core tiles up to 128×128 (BK = 128, a multiple of every group size).
 GEMM_CONFIGS = (
