@@ -13,6 +13,14 @@ permutation costs no pass of its own; stage 2 (grid: output block i × row tiles
 tiles) computes ``g[:, i]·L[i]ᵀ`` with the bias and the fused epilogue, cropping to ``out``.
 Two launches, because every output block reads every input block's result: one program cannot
 own both stages without holding a token's whole ``b·k·b`` intermediate on chip.
+
+Decode (``M ≤`` :data:`GEMV_MAX_ROWS`) is the exception: a token's intermediate *is* small, and
+output block ``i`` needs only the ``b·k`` values ``h[j, t·b+i] = R[j, t·b+i]·x_j`` — one row of
+every input block's factor. The GEMV kernel (grid: output block × row × column chunk) computes
+those with CUDA-core dot products, rounds them to the input dtype as the reference's first bmm
+does, and multiplies by ``L[i]`` at once: one launch, no intermediate in global memory, and each
+weight byte read once (the ``R`` rows of block ``i`` are its alone; chunks of a block re-read them
+from L2).
 """
 
 from __future__ import annotations
@@ -20,10 +28,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from codegen.kernels.common import DOT_HELPER, KernelError, aux_rows, check_float, dot_flags, rows_of, unused_pointer
+from codegen.kernels.common import (
+    DOT_HELPER,
+    KernelError,
+    aux_rows,
+    check_float,
+    dot_flags,
+    next_pow2,
+    rows_of,
+    unused_pointer,
+)
 from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
 
-__all__ = ["monarch_linear", "monarch_linear_ref", "stage1_kernel", "stage2_kernel"]
+__all__ = ["GEMV_MAX_ROWS", "gemv_kernel", "monarch_linear", "monarch_linear_ref", "stage1_kernel", "stage2_kernel"]
+
+#: Row counts up to this take the one-launch GEMV kernel (when a block row of x fits: :data:`GEMV_MAX_TILE`).
+GEMV_MAX_ROWS = 4
+#: Largest ``b × p`` (padded to powers of two) the GEMV kernel holds as one register tile.
+GEMV_MAX_TILE = 8192
 
 STAGE1_TEMPLATE = (
     DOT_HELPER
@@ -97,6 +119,53 @@ def ${KERNEL}(
 """
 )
 
+GEMV_TEMPLATE = """
+
+@triton.jit
+def ${KERNEL}(
+    x_ptr, r_ptr, l_ptr, bias_ptr, out_ptr, ${AUX_PARAMS}
+    M, IN, N, P, S, KB, NB, K_TERMS, stride_xm, M_CLASS,
+    HAS_BIAS: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr,
+):
+    i = tl.program_id(0)
+    m = tl.program_id(1)
+    offs_a = tl.program_id(2) * BS + tl.arange(0, BS)
+    offs_j = tl.arange(0, BB)
+    offs_c = tl.arange(0, BP)
+    j_mask = offs_j < NB
+    col = offs_j[:, None] * P + offs_c[None, :]
+    xr_mask = j_mask[:, None] & (offs_c < P)[None, :]
+    x = tl.load(x_ptr + m * stride_xm + col, mask=xr_mask & (col < IN), other=0.0).to(tl.float32)
+    offs_n = i * S + offs_a
+    n_mask = (offs_a < S) & (offs_n < N)
+
+    acc = tl.zeros((BS,), dtype=tl.float32)
+    for t in range(K_TERMS):
+        # h[j] = R[j, t·NB + i] · x_j for every input block j, rounded like the reference's bmm output
+        r = tl.load(r_ptr + offs_j[:, None] * (KB * P) + (t * NB + i) * P + offs_c[None, :], mask=xr_mask, other=0.0)
+        h = tl.sum(r.to(tl.float32) * x, axis=1).to(x_ptr.dtype.element_ty).to(tl.float32)
+        # y_i += L[i, :, j·K + t] · h
+        w = tl.load(l_ptr + i * S * KB + offs_a[:, None] * KB + offs_j[None, :] * K_TERMS + t,
+                    mask=(offs_a < S)[:, None] & j_mask[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * h[None, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    out_offs = m * N + offs_n
+    out_mask = n_mask
+    ${EPILOGUE}
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+"""
+
+#: GEMV tuning space: output-block chunks of ``BS`` rows (more chunks, more programs: 64 blocks
+#: × 2 chunks fill 128 SMs).
+GEMV_CONFIGS = (
+    {"BS": 32, "num_warps": 4, "num_stages": 1},
+    {"BS": 64, "num_warps": 4, "num_stages": 1},
+    {"BS": 16, "num_warps": 4, "num_stages": 1},
+    {"BS": 128, "num_warps": 8, "num_stages": 1},
+    {"BS": 32, "num_warps": 2, "num_stages": 1},
+)
+
 STAGE1_CONFIGS = (
     {"BM": 32, "BC": 64, "BP": 64, "num_warps": 4, "num_stages": 3},
     {"BM": 64, "BC": 64, "BP": 64, "num_warps": 4, "num_stages": 3},
@@ -118,6 +187,11 @@ def stage1_kernel():
 def stage2_kernel(epilogue: Epilogue = NO_EPILOGUE):
     """The built stage-2 kernel for ``epilogue`` (cached; ``.source`` is the generated code)."""
     return build(STAGE2_TEMPLATE, "_monarch_stage2_kernel", epilogue, STAGE2_CONFIGS, ("M_CLASS", "N", "S", "BK_IN"), __name__)
+
+
+def gemv_kernel(epilogue: Epilogue = NO_EPILOGUE):
+    """The built one-launch decode kernel for ``epilogue`` (cached)."""
+    return build(GEMV_TEMPLATE, "_monarch_gemv_kernel", epilogue, GEMV_CONFIGS, ("M_CLASS", "N", "S", "KB", "P"), __name__)
 
 
 def monarch_linear_ref(x, L, R, out_features: int, bias=None, epilogue: str = "", aux=()) -> torch.Tensor:
@@ -167,16 +241,25 @@ def monarch_linear(x, L, R, out_features: int, bias=None, epilogue: str = "", au
     out = torch.empty((m, out_features), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.view(out_shape)
+    L, R = L.contiguous(), R.contiguous()
+    bias_arg = bias if bias is not None else unused_pointer(x)
+    bb, bp = next_pow2(b), next_pow2(p)
+    if m <= GEMV_MAX_ROWS and bb * bp <= GEMV_MAX_TILE:
+        gemv_kernel(ep).launch(
+            lambda meta: (b, m, -(-s // meta["BS"])),
+            x2, R, L, bias_arg, out, *auxs, m, n_in, out_features, p, s, kb, b, kb // b, x2.stride(0), shape_class(m),
+            HAS_BIAS=bias is not None, BB=bb, BP=bp, wrap=wrap,
+        )  # fmt: skip
+        return out.view(out_shape)
     g = torch.empty((m, b * kb), dtype=x.dtype, device=x.device)
     flags = dot_flags(x.dtype)
-    L, R = L.contiguous(), R.contiguous()
     stage1_kernel().launch(
         lambda meta: (b, -(-m // meta["BM"]), -(-kb // meta["BC"])),
         x2, R, g, m, n_in, p, kb, b, kb // b, x2.stride(0), shape_class(m), wrap=wrap, **flags,
     )  # fmt: skip
     stage2_kernel(ep).launch(
         lambda meta: (b, -(-m // meta["BM"]), -(-s // meta["BS"])),
-        g, L, bias if bias is not None else unused_pointer(x), out, *auxs, m, out_features, s, kb, b, shape_class(m),
+        g, L, bias_arg, out, *auxs, m, out_features, s, kb, b, shape_class(m),
         HAS_BIAS=bias is not None, wrap=wrap, **flags,
     )  # fmt: skip
     return out.view(out_shape)

@@ -10,8 +10,12 @@ from codegen.kernels import monarch as K
 from codegen.kernels.common import KernelError
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# (rows, in, out, blocks, rank): square √n, ragged in/out (padding, cropping), rank > 1
-SHAPES = ((1, 64, 64, 8, 1), (37, 70, 45, 4, 2), (9, 100, 120, 8, 3), (20, 256, 256, 16, 1))
+# (rows, in, out, blocks, rank): square √n, ragged in/out (padding, cropping), rank > 1; up to
+# GEMV_MAX_ROWS rows the one-launch decode kernel runs, beyond it the two stages
+SHAPES = (
+    (1, 64, 64, 8, 1), (3, 70, 45, 4, 2), (4, 100, 120, 8, 3), (2, 256, 256, 16, 1),
+    (37, 70, 45, 4, 2), (9, 100, 120, 8, 3), (20, 256, 256, 16, 1),
+)  # fmt: skip
 
 
 def _factors(m, inn, out, b, k, dtype, device, seed=0):
@@ -48,14 +52,27 @@ def test_reference_is_the_layout_of_passes_monarch():
     torch.testing.assert_close(K.monarch_linear_ref(x, L, R, 45, bias), monarch.monarch_forward(x, L, R, 45, bias))
 
 
+@pytest.mark.parametrize("rows", [13, 2], ids=["two-stage", "gemv"])
 @pytest.mark.parametrize("epilogue", ["silu,mul", "add"])
-def test_fused_epilogue(device, close_to_truth, epilogue):
-    x, L, R, bias = _factors(13, 64, 48, 8, 2, torch.float16, device, seed=4)
-    aux = [torch.randn(13, 48, generator=torch.Generator().manual_seed(5)).to(device=device, dtype=torch.float16)]
+def test_fused_epilogue(device, close_to_truth, epilogue, rows):
+    x, L, R, bias = _factors(rows, 64, 48, 8, 2, torch.float16, device, seed=4)
+    aux = [torch.randn(rows, 48, generator=torch.Generator().manual_seed(5)).to(device=device, dtype=torch.float16)]
     y = K.monarch_linear(x, L, R, 48, bias, epilogue, aux)
     ref = K.monarch_linear_ref(x, L, R, 48, bias, epilogue, aux)
     truth = K.monarch_linear_ref(x.double(), L.double(), R.double(), 48, bias.double(), epilogue, [aux[0].double()])
     close_to_truth(y, ref, truth, epilogue)
+
+
+@pytest.mark.parametrize("rows", [1, K.GEMV_MAX_ROWS, K.GEMV_MAX_ROWS + 1])
+def test_decode_takes_one_launch(device, monkeypatch, rows):
+    """Up to ``GEMV_MAX_ROWS`` rows one kernel runs and no intermediate is allocated; beyond, the two stages."""
+    launched = []
+    for name in ("gemv_kernel", "stage1_kernel", "stage2_kernel"):
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _n=name, _r=real: launched.append(_n) or _r(*a))
+    x, L, R, bias = _factors(rows, 64, 64, 8, 1, torch.float32, device)
+    torch.testing.assert_close(K.monarch_linear(x, L, R, 64, bias), K.monarch_linear_ref(x, L, R, 64, bias), rtol=1e-5, atol=1e-5)
+    assert launched == (["gemv_kernel"] if rows <= K.GEMV_MAX_ROWS else ["stage1_kernel", "stage2_kernel"])
 
 
 def test_bad_factors(device):
