@@ -14,7 +14,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # GEMV_MAX_ROWS rows the one-launch decode kernel runs, beyond it the two stages
 SHAPES = (
     (1, 64, 64, 8, 1), (3, 70, 45, 4, 2), (4, 100, 120, 8, 3), (2, 256, 256, 16, 1),
-    (37, 70, 45, 4, 2), (9, 100, 120, 8, 3), (20, 256, 256, 16, 1),
+    (37, 70, 45, 4, 2), (9, 100, 120, 8, 3), (20, 256, 256, 16, 1), (33, 500, 300, 32, 1),
 )  # fmt: skip
 
 
@@ -67,12 +67,26 @@ def test_fused_epilogue(device, close_to_truth, epilogue, rows):
 def test_decode_takes_one_launch(device, monkeypatch, rows):
     """Up to ``GEMV_MAX_ROWS`` rows one kernel runs and no intermediate is allocated; beyond, the two stages."""
     launched = []
-    for name in ("gemv_kernel", "stage1_kernel", "stage2_kernel"):
+    for name in ("gemv_kernel", "stage1_kernel", "stage1_blocked_kernel", "stage2_kernel"):
         real = getattr(K, name)
         monkeypatch.setattr(K, name, lambda *a, _n=name, _r=real: launched.append(_n) or _r(*a))
     x, L, R, bias = _factors(rows, 64, 64, 8, 1, torch.float32, device)
     torch.testing.assert_close(K.monarch_linear(x, L, R, 64, bias), K.monarch_linear_ref(x, L, R, 64, bias), rtol=1e-5, atol=1e-5)
     assert launched == (["gemv_kernel"] if rows <= K.GEMV_MAX_ROWS else ["stage1_kernel", "stage2_kernel"])
+
+
+@pytest.mark.parametrize("blocks, rank, stage1", [(16, 1, "stage1_blocked_kernel"), (32, 1, "stage1_blocked_kernel"),
+                                                  (8, 1, "stage1_kernel"), (16, 2, "stage1_kernel")])  # fmt: skip
+def test_stage1_choice(device, monkeypatch, blocks, rank, stage1):
+    """Rank-1 factors with ≥ BLOCKED_MIN_BLOCKS blocks take the blocked stage 1 (contiguous stores), others the per-block one."""
+    launched = []
+    for name in ("stage1_kernel", "stage1_blocked_kernel"):
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _n=name, _r=real: launched.append(_n) or _r(*a))
+    x, L, R, bias = _factors(24, 300, 260, blocks, rank, torch.float32, device, seed=7)
+    y = K.monarch_linear(x, L, R, 260, bias)
+    torch.testing.assert_close(y, K.monarch_linear_ref(x, L, R, 260, bias), rtol=1e-5, atol=1e-5)
+    assert launched == [stage1]
 
 
 def test_bad_factors(device):

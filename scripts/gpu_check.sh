@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One GPU session's checks, in the order they pay off: the compiled kernels' tests on the card,
+# then benchmarks/kernels.py (correctness, speed, end to end). Uses the machine's own torch/triton
+# (no install: the GPU machine has no network). Outputs go to $OUT (default ./gpu_out) as they
+# are written, so a run cut short still returns what it had.
+#   OUT=/tmp/x bash scripts/gpu_check.sh [budget seconds for the benchmark, default 300]
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu_out}"
+mkdir -p "$OUT"
+export DECOMP_CACHE="${DECOMP_CACHE:-/tmp/decomp_cache}"
+BUDGET="${1:-300}"
+PY="${PYTHON:-python}"
+{
+  nvidia-smi -L
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} > "$OUT/device.txt" 2>&1
+DECOMP_AUTOTUNE=0 timeout 120 "$PY" -m pytest -q -p no:cacheprovider \
+  tests/codegen/test_monarch_kernel.py tests/codegen/test_gpu.py > "$OUT/pytest_gpu.txt" 2>&1
+echo "pytest exit $?" >> "$OUT/pytest_gpu.txt"
+tail -3 "$OUT/pytest_gpu.txt"
+timeout $((BUDGET + 150)) "$PY" benchmarks/kernels.py --e2e --budget-s "$BUDGET" 2>&1 | tee "$OUT/kernels.txt"
