@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import logging
 import os
 import sys
 import time
@@ -55,7 +56,7 @@ LOWRANK_SHAPES = [(512, 4096, 4096, 256), (2048, 4096, 4096, 256), (4096, 4096, 
                   (512, 576, 1536, 72), (2048, 1536, 576, 72), (1, 4096, 4096, 256), (1, 576, 1536, 64)]  # fmt: skip
 #: (out, in) of the batch-1 GEMVs; every format on the first, int4 on the rest.
 GEMV_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576)]
-GEMV_FORMATS = ("int4g128", "int4g32", "int3g64", "int8", "nf4g64")
+GEMV_FORMATS = ["int4g128", "int4g32", "int3g64", "int8", "nf4g64"]
 #: (M, out, in) of the prefill GEMMs.
 GEMM_SHAPES = [(512, 4096, 4096), (512, 1536, 576)]
 #: (n, blocks) and row counts of the Monarch rows.
@@ -472,9 +473,12 @@ def bench_dequant(device, dtype):
         return (lambda: D.quant_linear(x, codes, constants, fmt, k, **kw)), _nbytes(x, codes, *constants)
 
     print("\n### Dequant-GEMV at batch 1 vs the fp16 dense matmul (CUDA graph, cold weights)\n")
+    print(f"kernel: what quant_linear runs at 1 row (GEMV_MAX_M = {D.GEMV_MAX_M}: the CUDA-core GEMV); "
+          "tensor-core path: the GEMM kernel at 1 row (BM = 16 tiles, decoded in fp16)\n")  # fmt: skip
     _print_row("out × in", "format", "fp16 F.linear", "kernel", "speedup", "target", "met", "weight bytes fp16/packed",
-               "HBM GB/s (kernel)", "kernel eager (do_bench)")  # fmt: skip
-    _print_row(*["---"] * 10)
+               "HBM GB/s (kernel)", "tensor-core path", "its speedup", "kernel eager (do_bench)")  # fmt: skip
+    _print_row(*["---"] * 12)
+    tc_wins = []  # int4 rows: the tensor-core path faster than the GEMV?
     for i, (n, k) in enumerate(GEMV_SHAPES):
         if _late("dequant GEMV"):
             break
@@ -484,14 +488,26 @@ def bench_dequant(device, dtype):
             codes, constants, fmt = _buffers(pw)
             x = torch.randn(1, k, device=device, dtype=dtype)
             ours = _cold(functools.partial(make_quant, m=1, n=n, k=k, spec=spec))
+            gemv_max_m, D.GEMV_MAX_M = D.GEMV_MAX_M, 0  # read at launch, i.e. while the graphs are captured
+            try:
+                tc = _cold(functools.partial(make_quant, m=1, n=n, k=k, spec=spec))
+            finally:
+                D.GEMV_MAX_M = gemv_max_m
             eager = _bench(D.quant_linear, x, codes, constants, fmt, k)
             packed_bytes = _nbytes(*pw.buffers())
             ratio = dense / ours
+            if spec.startswith("int4"):
+                tc_wins.append(tc < ours)
             target = 2.5 if spec.startswith("int4") and n * k >= 4096 * 4096 else None
             met = "" if target is None else ("yes" if ratio >= target else "no")
             _print_row(f"{n} × {k}", fmt, f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{ratio:.2f}×",
                        f"≥ {target}×" if target else "—", met, f"{n * k * 2 / packed_bytes:.2f}×",
-                       f"{packed_bytes / (ours * 1e-3) / 1e9:.0f}", f"{eager * 1e3:.1f} µs")  # fmt: skip
+                       f"{packed_bytes / (ours * 1e-3) / 1e9:.0f}", f"{tc * 1e3:.1f} µs", f"{dense / tc:.2f}×",
+                       f"{eager * 1e3:.1f} µs")  # fmt: skip
+    if tc_wins and sum(tc_wins) * 2 > len(tc_wins):
+        D.GEMV_MAX_M = 0
+        print(f"\nthe tensor-core path was faster in {sum(tc_wins)}/{len(tc_wins)} int4 rows: the rest of this run "
+              "(end to end included) decodes on it (GEMV_MAX_M = 0)")  # fmt: skip
     print("\n### Dequant-GEMM at prefill vs the fp16 dense matmul (CUDA graph, cold weights)\n")
     _print_row("M × in → out", "format", "fp16 F.linear", "kernel", "speedup")
     _print_row(*["---"] * 5)
@@ -688,10 +704,13 @@ def _e2e_models(device, layers: int | None = None):
 def _decode_timer(model, compile_kwargs, prompt: int, steps: int, device):
     """Seconds per decode token: a static KV cache (fixed shapes: one graph, CUDA-graph friendly),
     a ``prompt``-token prefill, then ``steps`` one-token forwards; returns (s/token, first-call s, tokens)."""
+    from torch._dynamo.utils import counters
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 8)
     fwd = torch.compile(model, **compile_kwargs) if compile_kwargs is not None else model
+    counters.clear()
+    notes = _CompileNotes()
     ids = torch.arange(1, prompt + 1, device=device)[None] % model.config.vocab_size
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with torch.no_grad():
@@ -705,6 +724,7 @@ def _decode_timer(model, compile_kwargs, prompt: int, steps: int, device):
             pos = pos + 1
         sync()
         first = time.time() - t0
+        notes.close()
         out = []
         t0 = time.time()
         for _ in range(steps):
@@ -715,7 +735,46 @@ def _decode_timer(model, compile_kwargs, prompt: int, steps: int, device):
         sync()
         per_token = (time.time() - t0) / steps
         profile = _kernel_profile(lambda: fwd(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True), device)
+        if compile_kwargs is not None:
+            profile += "\n    compile: " + notes.summary(counters)
         return per_token, first, torch.cat(out, 1), profile
+
+
+class _CompileNotes(logging.Handler):
+    """What torch.compile said while compiling (CUDA-graph skips, graph breaks, recompiles): a
+    compiled step slower than its kernels' sum usually runs without CUDA graphs, and this says why."""
+
+    KEYS = ("cudagraph", "graph break", "recompil")
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        with contextlib.suppress(Exception):  # diagnostics only: a torch without these artifacts still runs
+            torch._logging.set_logs(perf_hints=True, graph_breaks=True, recompiles=True)
+        # torch's dynamo and inductor loggers do not propagate to "torch": listen on each
+        self._loggers = [logging.getLogger(n) for n in ("torch", "torch._dynamo", "torch._inductor")]
+        for logger in self._loggers:
+            logger.addHandler(self)
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if any(k in msg.lower() for k in self.KEYS):
+            self.lines.append(msg.strip().splitlines()[0][:240])
+
+    def close(self):
+        for logger in self._loggers:
+            logger.removeHandler(self)
+        with contextlib.suppress(Exception):
+            torch._logging.set_logs()
+        super().close()
+
+    def summary(self, counters) -> str:
+        inductor = {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
+        stats = dict(counters["stats"])
+        breaks = sum(counters["graph_break"].values())
+        head = f"graphs {stats.get('unique_graphs', '?')}, graph breaks {breaks}, inductor cudagraph counters {inductor}"
+        uniq = list(dict.fromkeys(self.lines))[:6]
+        return head + "".join(f"\n      log: {m}" for m in uniq)
 
 
 def _kernel_profile(step, device, top: int = 8) -> str:
@@ -738,8 +797,11 @@ def _kernel_profile(step, device, top: int = 8) -> str:
     return f"{calls} {'kernels' if cuda else 'ops'}, {total:.0f} µs; top: {head}"
 
 
-def bench_e2e(device, layers: int | None = None, steps: int = 64):
-    """SmolLM2-shaped decode: int4 g32 under backend='decomp' vs the dense model under inductor."""
+def bench_e2e(device, layers: int | None = None, steps: int = 64, rows: str = "all"):
+    """SmolLM2-shaped decode: int4 g32 under backend='decomp' vs the dense model under inductor.
+
+    ``rows="ours-compiled"``: only the compiled int4 model (a short GPU session's diagnostic run;
+    the dense rows do not change between runs of our code)."""
     print("\n### SmolLM2-135M-shaped decode, batch 1: torch.compile(backend='decomp') vs dense + inductor\n")
     print("random weights of SmolLM2-135M's shapes (speed depends on shapes and formats, not values); "
           f"static KV cache, 32-token prompt, {steps} decode steps; mode='reduce-overhead' = CUDA graphs\n")  # fmt: skip
@@ -752,7 +814,7 @@ def bench_e2e(device, layers: int | None = None, steps: int = 64):
     _print_row("model", "how it runs", "ms/token", "tokens/s", "vs dense same mode", "first 3 calls s", "weights MB")
     _print_row(*["---"] * 7)
     cuda = device == "cuda"
-    modes = [("eager", None, None)]
+    modes = [("eager", None, None)] if rows == "all" else []
     if cuda:
         modes += [("torch.compile, reduce-overhead", {"backend": "inductor", "mode": "reduce-overhead"},
                    {"backend": "decomp", "mode": "reduce-overhead"})]  # fmt: skip
@@ -762,7 +824,7 @@ def bench_e2e(device, layers: int | None = None, steps: int = 64):
         if _late(f"e2e {label}"):
             break
         torch._dynamo.reset()
-        d = _guard(f"e2e dense {label}", _decode_timer, dense, dense_kw, 32, steps, device)
+        d = _guard(f"e2e dense {label}", _decode_timer, dense, dense_kw, 32, steps, device) if rows == "all" else None
         torch._dynamo.reset()
         q = _guard(f"e2e int4 {label}", _decode_timer, optimized, ours_kw, 32, steps, device)
         for name, res, kw, base in (("dense fp16", d, dense_kw, None), ("int4 g32 layers", q, ours_kw, d)):
@@ -785,7 +847,14 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="correctness only (CUDA)")
     parser.add_argument("--e2e", action="store_true", help="also SmolLM2-shaped end-to-end decode (needs transformers)")
     parser.add_argument("--budget-s", type=float, default=270.0, help="start no section or row past this many seconds")
+    parser.add_argument("--sections", default="lowrank,dequant,monarch,e2e,proxy",
+                        help="speed sections to run, comma-separated (e2e also needs --e2e)")  # fmt: skip
+    parser.add_argument("--e2e-rows", choices=("all", "ours-compiled"), default="all",
+                        help="ours-compiled: only the compiled int4 model (short GPU sessions)")  # fmt: skip
+    parser.add_argument("--gemv-formats", default=",".join(GEMV_FORMATS), help="formats of the GEMV rows, comma-separated")
     args = parser.parse_args(argv)
+    wanted = set(args.sections.split(","))
+    GEMV_FORMATS[:] = args.gemv_formats.split(",")
     BUDGET_S[0] = args.budget_s
 
     cuda = torch.cuda.is_available()
@@ -819,10 +888,10 @@ def main(argv=None) -> int:
     print(f"\n## Speed on {card} (fp16; per call, replayed from CUDA graphs over cold operand copies)")
     sections = [("dequant", bench_dequant), ("lowrank", bench_lowrank), ("monarch", bench_monarch)]
     if args.e2e:
-        sections.append(("e2e", lambda d, t: bench_e2e(d)))
-    sections.append(("decode proxy", lambda d, t: bench_decode_proxy(d, t, 30)))
+        sections.append(("e2e", lambda d, t: bench_e2e(d, rows=args.e2e_rows)))
+    sections.append(("proxy", lambda d, t: bench_decode_proxy(d, t, 30)))
     for name, fn in sections:
-        if _late(name):
+        if name not in wanted or _late(name):
             continue
         _guard(name, fn, "cuda", torch.float16)
     print(f"\ntotal {time.time() - START:.0f} s on {card}; {len(FAILURES)} failure(s)")

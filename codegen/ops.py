@@ -121,8 +121,9 @@ def quant_linear(
 
 # ---- Monarch --------------------------------------------------------------------------------
 
-#: Rows from which the Monarch op runs batched matmuls instead of the kernel on CUDA (measured
-#: between 1 and 512 rows only; 128 is a guess between them).
+#: Rows from which the Monarch op runs batched matmuls instead of the kernel on CUDA, for factors
+#: the blocked stage 1 does not take (rank > 1 or fewer than 16 blocks: their per-block stage 1
+#: lost to cuBLAS's bmm at 512 rows on the H100, 43 vs 20 µs; 128 is a guess between 1 and 512).
 MONARCH_KERNEL_MAX_ROWS = 128
 
 
@@ -146,11 +147,13 @@ def monarch_linear(
 ) -> Tensor:
     """``epilogue(monarch(x) + bias)``; see :func:`codegen.kernels.monarch.monarch_linear`.
 
-    From :data:`MONARCH_KERNEL_MAX_ROWS` rows on, CUDA runs the reference's two cuBLAS batched
-    matmuls: on an H100 they beat our two-stage kernel at 512 and 4096 rows (20 vs 43 µs, 139
-    vs 293 µs at n = 4096, 64 blocks) while the kernel wins at decode (5.5 vs 9.6 µs at 1 row).
+    On CUDA the kernels run at every row count for rank-1 factors with ≥ 16 blocks (H100, n = 4096,
+    64 blocks: 2.8 µs vs the batched matmuls' 9.8 at 1 row, 12.7 vs 20.3 at 512, 87.8 vs 139.4 at
+    4096); other factors take the reference's two cuBLAS batched matmuls from
+    :data:`MONARCH_KERNEL_MAX_ROWS` rows on.
     """
-    if _on_gpu(x) and x.numel() // max(1, x.shape[-1]) < MONARCH_KERNEL_MAX_ROWS:
+    rows = x.numel() // max(1, x.shape[-1])
+    if _on_gpu(x) and (rows < MONARCH_KERNEL_MAX_ROWS or _monarch.blocked(R)):
         return _monarch.monarch_linear(x, L, R, out_features, bias, epilogue, aux, wrap=wrap_triton)
     if _on_gpu(x):
         return _monarch.monarch_linear_ref(x, L, R, out_features, bias, epilogue, aux)

@@ -164,29 +164,49 @@ def _constant(vals_ptr, blocks_ptr, idx, mask, DQ: tl.constexpr):
 
 
 @triton.jit
-def _nf4_values(cb_ptr, q):
-    """``codebook[q]`` from the 16 codebook values held in registers (``tl.gather``): a gather from
-    global memory per code would be an indirect load, which the loop pipeliner stages through
-    shared memory at a tile's full size per stage."""
-    cb = tl.load(cb_ptr + tl.arange(0, 16))
+def _nf4_values(cb_ptr, q, DT: tl.constexpr):
+    """``codebook[q]`` in ``DT`` from the 16 codebook values held in registers (``tl.gather``): a
+    gather from global memory per code would be an indirect load, which the loop pipeliner stages
+    through shared memory at a tile's full size per stage."""
+    cb = tl.load(cb_ptr + tl.arange(0, 16)).to(DT)
     flat = tl.reshape(q, (q.numel,))
     return tl.reshape(tl.gather(cb, flat, 0), q.shape)
 
 
 @triton.jit
+def _code_values(q, DT: tl.constexpr):
+    """Non-negative int32 codes (< 16) as ``DT`` floats, exactly and without a conversion
+    instruction: OR-ed into the low mantissa bits of a power of two ``P`` they read as ``P + q``;
+    subtract ``P``. (``cvt`` int→float runs at a quarter of the FMA rate on NVIDIA GPUs: with one
+    per code the H100 GEMV was conversion-bound, 1.2 TB/s.)"""
+    if DT == tl.float16:
+        return (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+    elif DT == tl.bfloat16:
+        return (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - 128.0
+    else:
+        return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def _weight_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
                  KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr,
-                 BN: tl.constexpr, BK: tl.constexpr):
-    """The fp32 ``(BN, BK)`` tile of W at rows ``offs_n``, columns ``k0 … k0 + BK``."""
+                 BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr):
+    """The ``(BN, BK)`` tile of W at rows ``offs_n``, columns ``k0 … k0 + BK``, decoded in ``DT``
+    (the input dtype, which ``tl.dot`` takes: 16-bit arithmetic, no per-weight conversions; the
+    reference rounds the fp32 decode to the input dtype, so the two agree to that rounding)."""
     if KIND == 2:
         offs_k = k0 + tl.arange(0, BK)
         q = tl.load(codes_ptr + offs_n[:, None] * row_bytes + offs_k[None, :],
                     mask=n_mask[:, None] & (offs_k < row_bytes)[None, :], other=0)
-        s = tl.load(c0_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        w = q.to(tl.float32) * s[:, None]
+        s = tl.load(c0_ptr + offs_n, mask=n_mask, other=0.0).to(DT)
+        if DT == tl.float16:
+            qv = ((q.to(tl.int32) + 128) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1152.0
+        else:
+            qv = q.to(DT)
+        w = qv * s[:, None]
     else:
         w = _packed_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
-                         KIND, BITS, GROUP, DQ, BN, BK)
+                         KIND, BITS, GROUP, DQ, BN, BK, DT)
     return w
 
 
@@ -224,7 +244,7 @@ def _codes(codes_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
 @triton.jit
 def _packed_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
                  KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr,
-                 BN: tl.constexpr, BK: tl.constexpr):
+                 BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr):
     """``_weight_tile`` of the packed group formats (intN, NF4)."""
     q = tl.reshape(_codes(codes_ptr, offs_n, n_mask, k0, row_bytes, n_groups, BITS, GROUP, BN, BK),
                    (BN, BK // GROUP, GROUP))
@@ -232,12 +252,12 @@ def _packed_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_ma
     idx = offs_n[:, None] * n_groups + g[None, :]
     cmask = n_mask[:, None] & (g < n_groups)[None, :]
     if KIND == 0:
-        s = _constant(c0_ptr, c1_ptr, idx, cmask, DQ)
-        mn = _constant(c2_ptr, c3_ptr, idx, cmask, DQ)
-        w = q.to(tl.float32) * s[:, :, None] + mn[:, :, None]
+        s = _constant(c0_ptr, c1_ptr, idx, cmask, DQ).to(DT)
+        mn = _constant(c2_ptr, c3_ptr, idx, cmask, DQ).to(DT)
+        w = _code_values(q, DT) * s[:, :, None] + mn[:, :, None]
     else:
-        a = _constant(c0_ptr, c1_ptr, idx, cmask, DQ)
-        w = _nf4_values(cb_ptr, q) * a[:, :, None]
+        a = _constant(c0_ptr, c1_ptr, idx, cmask, DQ).to(DT)
+        w = _nf4_values(cb_ptr, q, DT) * a[:, :, None]
     return tl.reshape(w, (BN, BK))
 '''
 )
@@ -289,10 +309,10 @@ def ${KERNEL}("""
             if KIND == 0:
                 s = _constant(c0_ptr, c1_ptr, idx, cmask, DQ)
                 mn = _constant(c2_ptr, c3_ptr, idx, cmask, DQ)
-                part += tl.sum(q.to(tl.float32) * x3[None, :, :], axis=2) * s + mn * tl.sum(x3, axis=1)[None, :]
+                part += tl.sum(_code_values(q, tl.float32) * x3[None, :, :], axis=2) * s + mn * tl.sum(x3, axis=1)[None, :]
             else:
                 a = _constant(c0_ptr, c1_ptr, idx, cmask, DQ)
-                part += tl.sum(_nf4_values(cb_ptr, q) * x3[None, :, :], axis=2) * a
+                part += tl.sum(_nf4_values(cb_ptr, q, tl.float32) * x3[None, :, :], axis=2) * a
     acc = tl.sum(part, axis=1)
     if KIND == 2:
         acc = acc * tl.load(c0_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -334,9 +354,13 @@ def ${KERNEL}("""
     for k0 in range(0, K, BK):
         offs_k = k0 + tl.arange(0, BK)
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
-        w = _weight_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
-                         KIND, BITS, GROUP, DQ, BN, BK)
-        acc = _dot(a, tl.trans(w.to(x_ptr.dtype.element_ty)), acc, IEEE, UPCAST)
+        if UPCAST:  # the interpreter (numpy has no bfloat16 arithmetic): decode in fp32
+            w = _weight_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
+                             KIND, BITS, GROUP, DQ, BN, BK, tl.float32)
+        else:
+            w = _weight_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
+                             KIND, BITS, GROUP, DQ, BN, BK, x_ptr.dtype.element_ty)
+        acc = _dot(a, tl.trans(w), acc, IEEE, UPCAST)
 
     # low-rank term t·upᵀ (t = x·downᵀ computed before the launch)
     if HAS_LR:
@@ -368,7 +392,9 @@ GEMV_CONFIGS = (
     {"BN": 2, "BK": 1024, "LS": 4, "num_warps": 4, "num_stages": 4},
     {"BN": 32, "BK": 256, "LS": 2, "num_warps": 8, "num_stages": 2},
 )
-#: GEMM tuning space: tensor-core tiles up to 128×128 (BK = 128, a multiple of every group size).
+#: GEMM tuning space: tensor-core tiles up to 128×128 (BK = 128 or 256, multiples of every group
+#: size), and BM = 16 tiles for a few rows (decode on tensor cores: the tile is decoded in the
+#: input dtype and fed to ``tl.dot`` as is, so no per-weight conversion instructions).
 GEMM_CONFIGS = (
     {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3},
     {"BM": 128, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 3},
@@ -376,6 +402,9 @@ GEMM_CONFIGS = (
     {"BM": 128, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 4},
     {"BM": 32, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 4},
     {"BM": 16, "BN": 128, "BK": 128, "num_warps": 4, "num_stages": 4},
+    {"BM": 16, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 4},
+    {"BM": 16, "BN": 32, "BK": 256, "num_warps": 4, "num_stages": 4},
+    {"BM": 16, "BN": 64, "BK": 256, "num_warps": 4, "num_stages": 3},
 )
 _KEY = ("M_CLASS", "N", "K", "R")
 

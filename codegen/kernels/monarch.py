@@ -46,6 +46,7 @@ from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
 
 __all__ = [
     "GEMV_MAX_ROWS",
+    "blocked",
     "gemv_kernel",
     "monarch_linear",
     "monarch_linear_ref",
@@ -244,6 +245,12 @@ def stage1_kernel():
     return build(STAGE1_TEMPLATE, "_monarch_stage1_kernel", NO_EPILOGUE, STAGE1_CONFIGS, ("M_CLASS", "IN", "P", "KB"), __name__)
 
 
+def blocked(R: torch.Tensor) -> bool:
+    """Whether factors with this ``R`` take the blocked stage 1 (rank 1, ≥ :data:`BLOCKED_MIN_BLOCKS` blocks)."""
+    b, kb, _ = R.shape
+    return kb == b and b >= BLOCKED_MIN_BLOCKS
+
+
 def stage1_blocked_kernel():
     """Stage 1 for rank-1 factors with ≥ :data:`BLOCKED_MIN_BLOCKS` blocks: a 3-D dot over a group
     of input blocks, so that the permuted store is contiguous along the group."""
@@ -322,7 +329,7 @@ def monarch_linear(x, L, R, out_features: int, bias=None, epilogue: str = "", au
         return out.view(out_shape)
     g = torch.empty((m, b * kb), dtype=x.dtype, device=x.device)
     flags = dot_flags(x.dtype)
-    if kb == b and b >= BLOCKED_MIN_BLOCKS:
+    if blocked(R):
         stage1_blocked_kernel().launch(
             lambda meta: (-(-m // meta["BM"]), -(-b // meta["BJ"]), -(-b // meta["BI"])),
             x2, R, g, m, n_in, p, b, x2.stride(0), shape_class(m), wrap=wrap, **flags,
