@@ -16,10 +16,13 @@ column order with ``tl.join`` (no per-element gathers).
 Two paths:
 
 - GEMV (``M ≤`` :data:`GEMV_MAX_M`, batch-1 decode): a program owns ``BN`` output rows of
-  one input row, accumulates ``w ⊙ x`` in fp32 over K and reduces once; no tensor cores,
-  the weight bytes are the whole cost (4× fewer than fp16 for int4).
-- GEMM (prefill): ``BM × BN`` tiles, the dequantized ``BN × BK`` weight tile cast to the input
-  dtype and fed to ``tl.dot`` (the dequantized tile never leaves the chip).
+  one input row, accumulates ``w ⊙ x`` in fp32 over K and reduces once; no tensor cores. Its
+  bytes are 4× fewer than fp16 for int4, but on the H100 it reads them at 1.0–1.4 TB/s, not the
+  ~3 TB/s the card has (1.6–1.8× the fp16 GEMV instead of 3×; see :data:`GEMV_CONFIGS`).
+- GEMM (prefill): ``BM × BN`` tiles, the ``BN × BK`` weight tile decoded in the input dtype
+  (:func:`_code_values`: no conversion instructions) and fed to ``tl.dot`` (the dequantized tile
+  never leaves the chip). At batch 1 its BM = 16 tiles lost to the GEMV on the H100 (run 6:
+  11.9 vs 9.6 µs at 4096², 63 vs 20 µs at 4096 × 11008).
 
 The low-rank term: ``t = x·downᵀ`` (``M × r``, small) is one torch matmul before the launch;
 the kernel adds ``t·upᵀ`` to its accumulator, so the ``M × out`` low-rank output and the add
@@ -164,6 +167,29 @@ def _constant(vals_ptr, blocks_ptr, idx, mask, DQ: tl.constexpr):
 
 
 @triton.jit
+def _group_constants(c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0, n_groups,
+                     KIND: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr, BK: tl.constexpr):
+    """The ``(BN, BK/GROUP)`` constants of the groups in columns ``k0 … k0 + BK`` (masked past the
+    row): (scale, minimum) for intN, (absmax, absmax) for NF4 (the second unused). Stored fp16
+    constants come back as loaded (the caller widens them where it uses them, so that a load
+    issued one iteration ahead is not waited on here); double-quantized ones decoded, in fp32."""
+    g = k0 // GROUP + tl.arange(0, BK // GROUP)
+    idx = offs_n[:, None] * n_groups + g[None, :]
+    cmask = n_mask[:, None] & (g < n_groups)[None, :]
+    if DQ:
+        s = _constant(c0_ptr, c1_ptr, idx, cmask, DQ)
+        mn = s
+        if KIND == 0:
+            mn = _constant(c2_ptr, c3_ptr, idx, cmask, DQ)
+    else:
+        s = tl.load(c0_ptr + idx, mask=cmask, other=0.0)
+        mn = s
+        if KIND == 0:
+            mn = tl.load(c2_ptr + idx, mask=cmask, other=0.0)
+    return s, mn
+
+
+@triton.jit
 def _nf4_values(cb_ptr, q, DT: tl.constexpr):
     """``codebook[q]`` in ``DT`` from the 16 codebook values held in registers (``tl.gather``): a
     gather from global memory per code would be an indirect load, which the loop pipeliner stages
@@ -177,8 +203,9 @@ def _nf4_values(cb_ptr, q, DT: tl.constexpr):
 def _code_values(q, DT: tl.constexpr):
     """Non-negative int32 codes (< 16) as ``DT`` floats, exactly and without a conversion
     instruction: OR-ed into the low mantissa bits of a power of two ``P`` they read as ``P + q``;
-    subtract ``P``. (``cvt`` int→float runs at a quarter of the FMA rate on NVIDIA GPUs: with one
-    per code the H100 GEMV was conversion-bound, 1.2 TB/s.)"""
+    subtract ``P``. The GEMM's weight tiles use it (``cvt`` runs at a quarter of the FMA rate on
+    NVIDIA GPUs, and the fp32 decode took two per weight: int→fp32, fp32→fp16), and the GEMV's
+    ``MAGIC`` variant (alone it made no difference on the H100, run 6: that loop waited on loads)."""
     if DT == tl.float16:
         return (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
     elif DT == tl.bfloat16:
@@ -276,7 +303,7 @@ GEMV_TEMPLATE = (
 def ${KERNEL}("""
     + _PARAMS
     + """
-    BN: tl.constexpr, BK: tl.constexpr, LS: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, LS: tl.constexpr, PREFETCH: tl.constexpr, ACC3: tl.constexpr, MAGIC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
@@ -284,36 +311,57 @@ def ${KERNEL}("""
     n_mask = offs_n < N
 
     # Per (row, group) partial sums Σ q·x, scaled once per group: y = Σ_g s_g·Σ q·x + min_g·Σ x
-    # (NF4: absmax_g·Σ codebook[q]·x; int8: one scale per row at the end). Few FMAs per code, and
-    # the fp32 partials are a (BN, BK/GROUP) tile, so many programs fit on an SM.
+    # (NF4: absmax_g·Σ codebook[q]·x; int8: one scale per row at the end), a (BN, BK/GROUP) fp32
+    # tile; or (ACC3) the decoded w·x per code, reduced after the loop.
     if KIND == 2:
         part = tl.zeros((BN, BK), dtype=tl.float32)
+    elif ACC3:
+        part = tl.zeros((BN, BK // GROUP, GROUP), dtype=tl.float32)
     else:
         part = tl.zeros((BN, BK // GROUP), dtype=tl.float32)
-    # LS tiles in flight per program: the loop-level num_stages pipelines these loads through
-    # shared memory (the kernel-level num_stages only pipelines loads that feed a tl.dot)
+    # Variants (LS, PREFETCH, ACC3, MAGIC): see GEMV_CONFIGS. LS > 1 pipelines the code and x loads
+    # through shared memory (the kernel-level num_stages only pipelines loads that feed a tl.dot).
+    if KIND != 2 and PREFETCH:
+        s_next, mn_next = _group_constants(c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, 0, n_groups,
+                                           KIND, GROUP, DQ, BK)
     for k0 in tl.range(0, K, BK, num_stages=LS):
-        offs_k = k0 + tl.arange(0, BK)
-        xk = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
         if KIND == 2:
+            offs_k = k0 + tl.arange(0, BK)
+            xk = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
             q = tl.load(codes_ptr + offs_n[:, None] * row_bytes + offs_k[None, :],
                         mask=n_mask[:, None] & (offs_k < row_bytes)[None, :], other=0, eviction_policy="evict_first")
             part += q.to(tl.float32) * xk[None, :]
         else:
+            # x as (groups, columns), the shape the products broadcast it to
+            offs_k3 = k0 + tl.arange(0, BK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+            x3 = tl.load(x_ptr + m * stride_xm + offs_k3, mask=offs_k3 < K, other=0.0).to(tl.float32)
+            if PREFETCH:
+                s, mn = s_next, mn_next
+                s_next, mn_next = _group_constants(c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0 + BK, n_groups,
+                                                   KIND, GROUP, DQ, BK)
+            else:
+                s, mn = _group_constants(c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0, n_groups, KIND, GROUP, DQ, BK)
             q = tl.reshape(_codes(codes_ptr, offs_n, n_mask, k0, row_bytes, n_groups, BITS, GROUP, BN, BK),
                            (BN, BK // GROUP, GROUP))
-            x3 = tl.reshape(xk, (BK // GROUP, GROUP))
-            g = k0 // GROUP + tl.arange(0, BK // GROUP)
-            idx = offs_n[:, None] * n_groups + g[None, :]
-            cmask = n_mask[:, None] & (g < n_groups)[None, :]
-            if KIND == 0:
-                s = _constant(c0_ptr, c1_ptr, idx, cmask, DQ)
-                mn = _constant(c2_ptr, c3_ptr, idx, cmask, DQ)
-                part += tl.sum(_code_values(q, tl.float32) * x3[None, :, :], axis=2) * s + mn * tl.sum(x3, axis=1)[None, :]
+            if MAGIC:
+                qf = _code_values(q, tl.float32)
             else:
-                a = _constant(c0_ptr, c1_ptr, idx, cmask, DQ)
-                part += tl.sum(_nf4_values(cb_ptr, q, tl.float32) * x3[None, :, :], axis=2) * a
-    acc = tl.sum(part, axis=1)
+                qf = q.to(tl.float32)
+            if ACC3:
+                if KIND == 0:
+                    w = qf * s.to(tl.float32)[:, :, None] + mn.to(tl.float32)[:, :, None]
+                else:
+                    w = _nf4_values(cb_ptr, q, tl.float32) * s.to(tl.float32)[:, :, None]
+                part += w * x3[None, :, :]
+            elif KIND == 0:
+                part += (tl.sum(qf * x3[None, :, :], axis=2) * s.to(tl.float32)
+                         + mn.to(tl.float32) * tl.sum(x3, axis=1)[None, :])
+            else:
+                part += tl.sum(_nf4_values(cb_ptr, q, tl.float32) * x3[None, :, :], axis=2) * s.to(tl.float32)
+    if KIND != 2 and ACC3:
+        acc = tl.sum(tl.sum(part, axis=2), axis=1)
+    else:
+        acc = tl.sum(part, axis=1)
     if KIND == 2:
         acc = acc * tl.load(c0_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
 
@@ -379,18 +427,36 @@ def ${KERNEL}("""
 
 #: GEMV tuning space (the first is the untuned default). Batch-1 decode reads each weight byte once,
 #: so the tiles are sized for memory-level parallelism: 1–4 KB of int4 codes per program and
-#: iteration, few rows per program so that a 4096-row weight gives 256–2048 programs, and ``LS``
-#: iterations in flight per program (a loop-level ``num_stages``: without it the K loop waited on
-#: each load in turn, and the H100 reached only 1.0–1.6 TB/s, runs 3–4).
+#: iteration, few rows per program so that a 4096-row weight gives 256–2048 programs. What the
+#: H100 showed (runs 4–6: ~1.2 TB/s whatever the tiles) and the compiled loop explains (sm_90 SASS,
+#: ``benchmarks/kernels_aot.py``): every iteration waited on its loads, and each code cost ~7
+#: instructions, two of them conversions (int→fp32 at a quarter of the FMA rate, x fp16→fp32).
+#: The switches below are variants of the same arithmetic for the tuner to choose between, by
+#: measurement on the card it runs on (each is checked against the reference in the tests):
+#:
+#: - ``LS``: a loop-level ``num_stages`` (iterations in flight; 1 = none). On its own it did not
+#:   move the 4096-wide rows (run 5: 8.9 vs 8.5 µs) and slowed the 576-wide ones (2.9 vs 2.5 µs),
+#:   because the group constants, too narrow for async copies, stayed a load waited on per step.
+#: - ``PREFETCH``: those constants issued one iteration ahead, widened only where used.
+#: - ``ACC3``: accumulate ``w·x`` per code in a ``(BN, BK/GROUP, GROUP)`` tile and reduce once after
+#:   the loop, instead of a per-group reduction (and its layout conversion) every iteration.
+#: - ``MAGIC``: codes to fp32 through :func:`_code_values` (two full-rate instructions) instead of
+#:   a conversion.
+#:
+#: The last seven are not yet measured on a GPU.
 GEMV_CONFIGS = (
-    {"BN": 8, "BK": 512, "LS": 3, "num_warps": 4, "num_stages": 3},
-    {"BN": 8, "BK": 256, "LS": 4, "num_warps": 4, "num_stages": 4},
-    {"BN": 4, "BK": 512, "LS": 4, "num_warps": 4, "num_stages": 4},
-    {"BN": 16, "BK": 256, "LS": 3, "num_warps": 4, "num_stages": 3},
-    {"BN": 16, "BK": 512, "LS": 3, "num_warps": 8, "num_stages": 3},
-    {"BN": 4, "BK": 1024, "LS": 3, "num_warps": 4, "num_stages": 3},
-    {"BN": 2, "BK": 1024, "LS": 4, "num_warps": 4, "num_stages": 4},
-    {"BN": 32, "BK": 256, "LS": 2, "num_warps": 8, "num_stages": 2},
+    {"BN": 8, "BK": 512, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 1},
+    {"BN": 4, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 1},
+    {"BN": 16, "BK": 256, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 1},
+    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 3},
+    {"BN": 8, "BK": 256, "LS": 4, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 4},
+    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": True, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 3},
+    {"BN": 4, "BK": 1024, "LS": 3, "PREFETCH": True, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 3},
+    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": True, "ACC3": True, "MAGIC": False, "num_warps": 4, "num_stages": 3},
+    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": True, "ACC3": False, "MAGIC": True, "num_warps": 4, "num_stages": 3},
+    {"BN": 4, "BK": 1024, "LS": 3, "PREFETCH": True, "ACC3": False, "MAGIC": True, "num_warps": 4, "num_stages": 3},
+    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": True, "ACC3": True, "MAGIC": True, "num_warps": 4, "num_stages": 3},
+    {"BN": 16, "BK": 256, "LS": 3, "PREFETCH": True, "ACC3": True, "MAGIC": True, "num_warps": 4, "num_stages": 3},
 )
 #: GEMM tuning space: tensor-core tiles up to 128×128 (BK = 128 or 256, multiples of every group
 #: size), and BM = 16 tiles for a few rows (decode on tensor cores: the tile is decoded in the

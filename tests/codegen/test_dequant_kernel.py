@@ -80,6 +80,26 @@ def test_long_rows_accumulate_over_several_k_steps(device, close_to_truth, confi
     close_to_truth(out, ref, truth, f"{spec} m=1 k={inn}")
 
 
+@pytest.mark.parametrize("gemv_config", D.GEMV_CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("config", [IntNConfig(4, 32), IntNConfig(3, 64, True), NF4Config(64)], ids=lambda c: c.describe())
+def test_every_gemv_tuning_config(device, close_to_truth, monkeypatch, config, gemv_config):
+    """Each config the tuner may pick (tile sizes, loop stages, constants prefetched or not) computes
+    the same GEMV; 1100 columns make several K steps and a ragged last one."""
+    if device == "cuda":
+        pytest.skip("the GPU tunes over these configs itself; the interpreter runs one at a time")
+    import dataclasses
+
+    kernel = dataclasses.replace(D.gemv_kernel(), configs=(gemv_config,))
+    monkeypatch.setattr(D, "_kernel", lambda gemv, ep: kernel if gemv else D.gemm_kernel(ep))
+    inn = 1100
+    pw = _packed(config, 24, inn, torch.float16, device)
+    codes, constants, spec = _buffers(pw)
+    x = torch.randn(2, inn, generator=torch.Generator().manual_seed(3)).to(device=device, dtype=torch.float16)
+    out = D.quant_linear(x, codes, constants, spec, inn)
+    ref = D.quant_linear_ref(x, codes, constants, spec, inn)
+    close_to_truth(out, ref, D.quant_linear_ref(x.double(), codes, constants, spec, inn), f"{spec} {gemv_config}")
+
+
 def test_unused_pointers_are_shared_only_for_real_tensors():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
