@@ -6,6 +6,7 @@ cubin with its bundled ``ptxas``; this catches what Triton's CPU interpreter can
 
     python benchmarks/kernels_aot.py             # sm_90, every template × formats × tuning configs
     python benchmarks/kernels_aot.py --arch 80 --quick
+    python benchmarks/kernels_aot.py --quick --sass "dequant gemv"   # + loop instruction counts (SASS)
 
 Prints one line per variant (shared memory bytes, registers when ptxas reports them) and a
 summary; exits non-zero if any variant fails to compile or needs more shared memory than the
@@ -15,8 +16,12 @@ architecture has.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -120,10 +125,52 @@ def variants(quick: bool):
     return out
 
 
+_INSTR = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
+_BACK_BRANCH = re.compile(r"BRA `\((\.L_x_\d+)\)")
+
+
+def loop_stats(cubin: bytes) -> dict | None:
+    """Instruction counts of the kernel's largest loop, from its SASS (``nvdisasm``, bundled with
+    Triton): what one iteration costs per thread, without a GPU. None when there is no loop or no
+    disassembler."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    if not tool.exists():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(tool), "-c", f.name], capture_output=True, text=True, check=False).stdout
+    lines = [ln for ln in sass.splitlines() if _INSTR.match(ln) or ln.strip().startswith(".L_x")]
+    body = None
+    for j, line in enumerate(lines):
+        m = _BACK_BRANCH.search(line)
+        if m is None:
+            continue
+        starts = [k for k in range(j) if lines[k].strip().startswith(m.group(1) + ":")]
+        if starts and (body is None or j + 1 - starts[0] > len(body)):
+            body = lines[starts[0] : j + 1]
+    if body is None:
+        return None
+    ops = collections.Counter(m.group(1) for ln in body if (m := _INSTR.match(ln)))
+    return {
+        "instructions": sum(ops.values()),
+        "barriers": ops["BAR"],
+        "global loads": ops["LDG"] + ops["LDGSTS"],
+        "shared loads/stores": ops["LDS"] + ops["STS"] + ops["STSM"],
+        "int->float conversions": ops["I2F"] + ops["I2FP"],
+        "fp16->fp32 conversions": ops["HADD2"],
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability × 10 (90 = H100, 80 = A100)")
     parser.add_argument("--quick", action="store_true", help="one config per variant, fewer formats")
+    parser.add_argument("--sass", default="", metavar="LABEL",
+                        help="also print the SASS loop statistics of the variants whose label starts with LABEL, "
+                             "e.g. 'dequant gemv int4g32 fp16' (per thread and iteration)")  # fmt: skip
     args = parser.parse_args(argv)
     limit = SHARED_LIMIT.get(args.arch, 99 * 1024)
     failures, n, start = [], 0, time.time()
@@ -147,6 +194,9 @@ def main(argv=None) -> int:
                 f"{'OVER' if over else 'ok  '}  {name}: shared {shared} B, {copies} async copies" + (f", {regs} regs" if regs else ""),
                 flush=True,
             )
+            if args.sass and label.startswith(args.sass):
+                stats = loop_stats(compiled.asm["cubin"])
+                print("      loop: " + (", ".join(f"{k} {v}" for k, v in stats.items()) if stats else "none found"), flush=True)
     print(f"\n{n - len(failures)}/{n} variants compiled for sm_{args.arch} in {time.time() - start:.0f} s")
     return 1 if failures else 0
 
