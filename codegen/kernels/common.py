@@ -12,6 +12,7 @@ from codegen.template import Epilogue, interpreting
 __all__ = [
     "DOT_HELPER",
     "FLOAT_DTYPES",
+    "ROW_TAIL",
     "KernelError",
     "aux_rows",
     "check_float",
@@ -37,6 +38,17 @@ def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc)
+"""
+
+
+#: The end of a one-row (GEMV) template: bias, the epilogue slot, one store. Before it the template
+#: has the fp32 accumulator ``acc`` over output columns ``offs_n`` (in range: ``n_mask``) of row ``m``.
+ROW_TAIL = """    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    out_offs = m * N + offs_n
+    out_mask = n_mask
+    ${EPILOGUE}
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 """
 
 

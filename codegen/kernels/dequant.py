@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from codegen.kernels.common import (
     DOT_HELPER,
+    ROW_TAIL,
     KernelError,
     aux_rows,
     check_float,
@@ -76,6 +77,7 @@ MAX_RANK = 256
 def supports(down: torch.Tensor | None) -> bool:
     """Whether the kernel takes this LQ low-rank term (none, or a padded rank ≤ :data:`MAX_RANK`)."""
     return down is None or next_pow2(max(16, down.shape[0])) <= MAX_RANK
+
 
 CONSTANT_BLOCK = 256  # passes.quant_formats.CONSTANT_BLOCK (checked in the tests)
 
@@ -371,13 +373,8 @@ def ${KERNEL}("""
         tr = tl.load(t_ptr + m * R + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
         u = tl.load(up_ptr + offs_n[:, None] * R + offs_r[None, :], mask=n_mask[:, None] & (offs_r < R)[None, :], other=0.0)
         acc += tl.sum(u.to(tl.float32) * tr[None, :], axis=1)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    out_offs = m * N + offs_n
-    out_mask = n_mask
-    ${EPILOGUE}
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 """
+    + ROW_TAIL
 )
 
 GEMM_TEMPLATE = (

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from codegen.kernels.common import (
     DOT_HELPER,
+    ROW_TAIL,
     KernelError,
     aux_rows,
     check_float,
@@ -134,7 +135,8 @@ def ${KERNEL}(
 """
 )
 
-GEMV_TEMPLATE = """
+GEMV_TEMPLATE = (
+    """
 
 @triton.jit
 def ${KERNEL}(
@@ -163,13 +165,9 @@ def ${KERNEL}(
         w = tl.load(l_ptr + i * S * KB + offs_a[:, None] * KB + offs_j[None, :] * K_TERMS + t,
                     mask=(offs_a < S)[:, None] & j_mask[None, :], other=0.0)
         acc += tl.sum(w.to(tl.float32) * h[None, :], axis=1)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    out_offs = m * N + offs_n
-    out_mask = n_mask
-    ${EPILOGUE}
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 """
+    + ROW_TAIL
+)
 
 #: GEMV tuning space: output-block chunks of ``BS`` rows (more chunks, more programs: 64 blocks
 #: × 2 chunks fill 128 SMs).
