@@ -18,7 +18,8 @@ written to and read back from global memory.
 ``~/.cache/decomp/kernels``; Triton reads kernel source with ``inspect``, so kernels cannot
 come from ``exec``), imports it, wraps the kernel in ``triton.autotune`` over the template's
 configs (keyed on a power-of-two *shape class* of M, not M itself, so a new prompt length
-does not re-tune) and caches the result by (template, epilogue, interpret mode). With
+does not re-tune; the tuning results persist in Triton's disk cache where it has one) and caches
+the result by (template, epilogue, interpret mode). With
 ``TRITON_INTERPRET=1`` (CPU tests) or ``DECOMP_AUTOTUNE=0`` the first config is used
 without tuning.
 
@@ -220,6 +221,19 @@ def _import(path: Path):
     return module
 
 
+def _tuning_cache_option() -> dict:
+    """``cache_results=True`` where this Triton can keep tuning results on disk (its cache, keyed by
+    the kernel source, the GPU architecture, the configs and the shape class), so that a second
+    process does not tune again; ``DECOMP_AUTOTUNE_CACHE=0`` turns it off."""
+    import inspect
+
+    from triton.runtime.autotuner import Autotuner
+
+    if os.environ.get("DECOMP_AUTOTUNE_CACHE", "1") == "0":
+        return {}
+    return {"cache_results": True} if "cache_results" in inspect.signature(Autotuner.__init__).parameters else {}
+
+
 def build(template: str, name: str, epilogue: Epilogue, configs: tuple[dict, ...], key: tuple[str, ...], origin: str) -> Kernel:
     """Instantiate ``template`` with ``epilogue``, compile (lazily, by Triton) and cache it.
 
@@ -263,7 +277,7 @@ def build(template: str, name: str, epilogue: Epilogue, configs: tuple[dict, ...
         for c in configs if tuned else configs[:1]:
             meta = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
             tconfigs.append(triton.Config(meta, num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 2)))
-        fn = triton.autotune(configs=tconfigs, key=list(key))(fn)
+        fn = triton.autotune(configs=tconfigs, key=list(key), **_tuning_cache_option())(fn)
     kernel = Kernel(fn, source, path, tuple(configs), not interpret)
     _BUILT[cache_key] = kernel
     return kernel

@@ -19,7 +19,7 @@ def test_epilogue_spec_round_trip_and_errors():
 
 @pytest.mark.parametrize(
     "make",
-    [lowrank.kernel, dequant.gemv_kernel, dequant.gemm_kernel, monarch.stage2_kernel],
+    [lowrank.kernel, dequant.gemv_kernel, dequant.gemm_kernel, monarch.stage2_kernel, monarch.gemv_kernel],
     ids=lambda f: f.__module__ + "." + f.__name__,
 )
 def test_generated_source_fuses_the_epilogue(device, make):
@@ -43,6 +43,33 @@ def test_generated_source_fuses_the_epilogue(device, make):
 def test_template_without_slot_refuses_an_epilogue():
     with pytest.raises(EpilogueError, match="slot"):
         build("def ${KERNEL}(${AUX_PARAMS}):\n    pass\n", "_k", Epilogue.parse("relu"), ({},), (), __name__)
+
+
+@pytest.mark.parametrize("cache_env, expected", [(None, True), ("0", False)])
+def test_tuned_kernels_keep_their_tuning_results_on_disk(monkeypatch, cache_env, expected):
+    """On a GPU, ``build`` asks Triton's autotuner to cache its results on disk (a second process does
+    not tune again) where that Triton can; ``DECOMP_AUTOTUNE_CACHE=0`` turns it off."""
+    import inspect
+
+    import triton
+    from triton.runtime.autotuner import Autotuner
+
+    from codegen import template
+
+    if "cache_results" not in inspect.signature(Autotuner.__init__).parameters:
+        pytest.skip("this Triton cannot cache tuning results")
+    seen = []
+    monkeypatch.setattr(template, "interpreting", lambda: False)
+    monkeypatch.setattr(template, "autotuning", lambda: True)
+    monkeypatch.setattr(triton, "autotune", lambda **kw: seen.append(kw) or (lambda fn: fn))
+    if cache_env is None:
+        monkeypatch.delenv("DECOMP_AUTOTUNE_CACHE", raising=False)
+    else:
+        monkeypatch.setenv("DECOMP_AUTOTUNE_CACHE", cache_env)
+    source = f"@triton.jit\ndef ${{KERNEL}}(x_ptr, M, BM: tl.constexpr):\n    pass  # {cache_env}\n"
+    build(source, "_cache_probe", Epilogue(), ({"BM": 16}, {"BM": 32}), ("M",), __name__)
+    assert len(seen) == 1 and seen[0].get("cache_results", False) is expected
+    assert [c.kwargs for c in seen[0]["configs"]] == [{"BM": 16}, {"BM": 32}]
 
 
 def test_shape_classes():
