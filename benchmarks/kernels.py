@@ -404,6 +404,16 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+def _tuned_config(kernel) -> str:
+    """The config the autotuner chose at the kernel's last launch (which variant won, on this card)."""
+    best = getattr(kernel.fn, "best_config", None)
+    if best is None:
+        return "—"
+    flags = {k: v for k, v in best.kwargs.items() if not isinstance(v, bool)}
+    on = [k for k, v in best.kwargs.items() if v is True]
+    return " ".join([*(f"{k}{v}" for k, v in flags.items()), *on, f"w{best.num_warps}"])
+
+
 def _row(case, base_name, base_ms, ours_name, ours_ms, target=None, *extra) -> None:
     ratio = base_ms / ours_ms
     met = "" if target is None else ("yes" if ratio >= target else "no")
@@ -476,8 +486,8 @@ def bench_dequant(device, dtype):
     print(f"kernel: what quant_linear runs at 1 row (GEMV_MAX_M = {D.GEMV_MAX_M}: the CUDA-core GEMV); "
           "tensor-core path: the GEMM kernel at 1 row (BM = 16 tiles, decoded in fp16)\n")  # fmt: skip
     _print_row("out × in", "format", "fp16 F.linear", "kernel", "speedup", "target", "met", "weight bytes fp16/packed",
-               "HBM GB/s (kernel)", "tensor-core path", "its speedup", "kernel eager (do_bench)")  # fmt: skip
-    _print_row(*["---"] * 12)
+               "HBM GB/s (kernel)", "tuned config", "tensor-core path", "its speedup", "kernel eager (do_bench)")  # fmt: skip
+    _print_row(*["---"] * 13)
     tc_wins = []  # int4 rows: the tensor-core path faster than the GEMV?
     for i, (n, k) in enumerate(GEMV_SHAPES):
         if _late("dequant GEMV"):
@@ -488,6 +498,7 @@ def bench_dequant(device, dtype):
             codes, constants, fmt = _buffers(pw)
             x = torch.randn(1, k, device=device, dtype=dtype)
             ours = _cold(functools.partial(make_quant, m=1, n=n, k=k, spec=spec))
+            tuned = _tuned_config(D.gemv_kernel())
             gemv_max_m, D.GEMV_MAX_M = D.GEMV_MAX_M, 0  # read at launch, i.e. while the graphs are captured
             try:
                 tc = _cold(functools.partial(make_quant, m=1, n=n, k=k, spec=spec))
@@ -502,7 +513,7 @@ def bench_dequant(device, dtype):
             met = "" if target is None else ("yes" if ratio >= target else "no")
             _print_row(f"{n} × {k}", fmt, f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{ratio:.2f}×",
                        f"≥ {target}×" if target else "—", met, f"{n * k * 2 / packed_bytes:.2f}×",
-                       f"{packed_bytes / (ours * 1e-3) / 1e9:.0f}", f"{tc * 1e3:.1f} µs", f"{dense / tc:.2f}×",
+                       f"{packed_bytes / (ours * 1e-3) / 1e9:.0f}", tuned, f"{tc * 1e3:.1f} µs", f"{dense / tc:.2f}×",
                        f"{eager * 1e3:.1f} µs")  # fmt: skip
     if tc_wins and sum(tc_wins) * 2 > len(tc_wins):
         D.GEMV_MAX_M = 0
