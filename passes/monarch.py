@@ -195,7 +195,7 @@ class MonarchLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if dispatch.use_kernels(x, self.L, self.R, self.bias):
-            return dispatch.monarch_linear(x, self.L, self.R, self.out_features, self.bias)  # two fused stages on CUDA
+            return dispatch.monarch_linear(x, self.L, self.R, self.out_features, self.bias)  # the Monarch kernels on CUDA
         return monarch_forward(x, self.L, self.R, self.out_features, self.bias)
 
     def dense(self) -> torch.Tensor:
