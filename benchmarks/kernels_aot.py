@@ -97,7 +97,6 @@ def variants(quick: bool):
                 "c1_ptr": "*fp32" if f.dq else TY[dt],
                 "c2_ptr": const_ty,
                 "c3_ptr": "*fp32" if f.dq else TY[dt],
-                "cb_ptr": "*fp32",
             }
             for has_lr in (False, True) if fmt == "int3g64" else (False,):
                 consts = {

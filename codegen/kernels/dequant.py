@@ -81,6 +81,24 @@ def supports(down: torch.Tensor | None) -> bool:
 
 CONSTANT_BLOCK = 256  # passes.quant_formats.CONSTANT_BLOCK (checked in the tests)
 
+#: NF4's 16 values (``passes.quant_formats.NF4_CODEBOOK``, checked in the tests), written into the
+#: kernel source as constants: no codebook tensor to pass, so a compiled graph holds no CPU
+#: constant for it (one would keep inductor from capturing the step in a CUDA graph).
+NF4_VALUES = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)  # fmt: skip
+
+_NF4_CODEBOOK_SOURCE = (
+    "\n\n@triton.jit\ndef _nf4_codebook():\n"
+    '    """The NF4 values as a 16-element fp32 tensor in registers (from constants)."""\n'
+    "    i = tl.arange(0, 16)\n    cb = tl.zeros((16,), dtype=tl.float32)\n"
+    + "".join(f"    cb = tl.where(i == {k}, {v!r}, cb)\n" for k, v in enumerate(NF4_VALUES))
+    + "    return cb\n"
+)
+
 _PARSED: dict = {}  # spec -> QuantFormat (parsing is on every launch's path)
 
 _FMT = re.compile(r"^(?:(int8)|int([234])g(32|64|128)|nf4g(32|64|128))(dq)?$")
@@ -156,6 +174,7 @@ class QuantFormat:
 
 _HELPERS = (
     DOT_HELPER
+    + _NF4_CODEBOOK_SOURCE
     + '''
 
 @triton.jit
@@ -192,11 +211,11 @@ def _group_constants(c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0, n_group
 
 
 @triton.jit
-def _nf4_values(cb_ptr, q, DT: tl.constexpr):
+def _nf4_values(q, DT: tl.constexpr):
     """``codebook[q]`` in ``DT`` from the 16 codebook values held in registers (``tl.gather``): a
     gather from global memory per code would be an indirect load, which the loop pipeliner stages
     through shared memory at a tile's full size per stage."""
-    cb = tl.load(cb_ptr + tl.arange(0, 16)).to(DT)
+    cb = _nf4_codebook().to(DT)
     flat = tl.reshape(q, (q.numel,))
     return tl.reshape(tl.gather(cb, flat, 0), q.shape)
 
@@ -217,7 +236,7 @@ def _code_values(q, DT: tl.constexpr):
 
 
 @triton.jit
-def _weight_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
+def _weight_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
                  KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr,
                  BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr):
     """The ``(BN, BK)`` tile of W at rows ``offs_n``, columns ``k0 … k0 + BK``, decoded in ``DT``
@@ -234,7 +253,7 @@ def _weight_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_ma
             qv = q.to(DT)
         w = qv * s[:, None]
     else:
-        w = _packed_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
+        w = _packed_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
                          KIND, BITS, GROUP, DQ, BN, BK, DT)
     return w
 
@@ -271,7 +290,7 @@ def _codes(codes_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
 
 
 @triton.jit
-def _packed_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
+def _packed_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
                  KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr,
                  BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr):
     """``_weight_tile`` of the packed group formats (intN, NF4)."""
@@ -286,13 +305,13 @@ def _packed_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_ma
         w = _code_values(q, DT) * s[:, :, None] + mn[:, :, None]
     else:
         a = _constant(c0_ptr, c1_ptr, idx, cmask, DQ).to(DT)
-        w = _nf4_values(cb_ptr, q, DT) * a[:, :, None]
+        w = _nf4_values(q, DT) * a[:, :, None]
     return tl.reshape(w, (BN, BK))
 '''
 )
 
 _PARAMS = """
-    x_ptr, codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, bias_ptr, t_ptr, up_ptr, out_ptr, ${AUX_PARAMS}
+    x_ptr, codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, bias_ptr, t_ptr, up_ptr, out_ptr, ${AUX_PARAMS}
     M, N, K, R, row_bytes, n_groups, stride_xm, M_CLASS,
     KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,"""
@@ -353,13 +372,13 @@ def ${KERNEL}("""
                 if KIND == 0:
                     w = qf * s.to(tl.float32)[:, :, None] + mn.to(tl.float32)[:, :, None]
                 else:
-                    w = _nf4_values(cb_ptr, q, tl.float32) * s.to(tl.float32)[:, :, None]
+                    w = _nf4_values(q, tl.float32) * s.to(tl.float32)[:, :, None]
                 part += w * x3[None, :, :]
             elif KIND == 0:
                 part += (tl.sum(qf * x3[None, :, :], axis=2) * s.to(tl.float32)
                          + mn.to(tl.float32) * tl.sum(x3, axis=1)[None, :])
             else:
-                part += tl.sum(_nf4_values(cb_ptr, q, tl.float32) * x3[None, :, :], axis=2) * s.to(tl.float32)
+                part += tl.sum(_nf4_values(q, tl.float32) * x3[None, :, :], axis=2) * s.to(tl.float32)
     if KIND != 2 and ACC3:
         acc = tl.sum(tl.sum(part, axis=2), axis=1)
     else:
@@ -400,10 +419,10 @@ def ${KERNEL}("""
         offs_k = k0 + tl.arange(0, BK)
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
         if UPCAST:  # the interpreter (numpy has no bfloat16 arithmetic): decode in fp32
-            w = _weight_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
+            w = _weight_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
                              KIND, BITS, GROUP, DQ, BN, BK, tl.float32)
         else:
-            w = _weight_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, cb_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
+            w = _weight_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
                              KIND, BITS, GROUP, DQ, BN, BK, x_ptr.dtype.element_ty)
         acc = _dot(a, tl.trans(w), acc, IEEE, UPCAST)
 
@@ -513,23 +532,6 @@ def quant_linear_ref(
 
 # ---- launch --------------------------------------------------------------------------------
 
-_CODEBOOKS: dict[torch.device, torch.Tensor] = {}
-
-
-def _codebook(like: torch.Tensor) -> torch.Tensor:
-    """NF4's 16 values on ``like``'s device: cached for real tensors, fresh while tracing (a fake
-    tensor must not leak into the cache, and a traced graph records it as a constant)."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    from passes.quant_formats import NF4_CODEBOOK
-
-    if is_fake(like):
-        return NF4_CODEBOOK.to(device=like.device, dtype=torch.float32)
-    if like.device not in _CODEBOOKS:
-        _CODEBOOKS[like.device] = NF4_CODEBOOK.to(device=like.device, dtype=torch.float32)
-    return _CODEBOOKS[like.device]
-
-
 def _check_buffers(f: QuantFormat, codes, constants, cols: int) -> int:
     """Validate the stored buffers against the format; returns the number of groups per row."""
     out = codes.shape[0]
@@ -597,10 +599,9 @@ def quant_linear(
     # kernel slots: (values or codes, blocks) per constant; unused slots get any valid pointer
     c = consts if f.dq else [p for v in consts for p in (v, unused_pointer(x, eager))]
     c = c + [unused_pointer(x, eager) for _ in range(4 - len(c))]
-    cb = _codebook(x) if f.kind == 1 else unused_pointer(x, eager)
     row_bytes = codes.shape[1]
     args = (
-        x2, codes if codes.is_contiguous() else codes.contiguous(), *c, cb, bias if bias is not None else unused_pointer(x, eager), t,
+        x2, codes if codes.is_contiguous() else codes.contiguous(), *c, bias if bias is not None else unused_pointer(x, eager), t,
         up.contiguous() if up is not None else unused_pointer(x, eager), out, *auxs,
         m, n, cols, r, row_bytes, n_groups, x2.stride(0), shape_class(m),
     )  # fmt: skip

@@ -40,6 +40,12 @@ def test_constant_block_matches_storage():
     assert D.CONSTANT_BLOCK == qf.CONSTANT_BLOCK
 
 
+def test_nf4_values_in_the_kernel_source_are_the_codebook():
+    assert list(D.NF4_VALUES) == qf.NF4_CODEBOOK.float().tolist()
+    source = D.gemv_kernel().source
+    assert all(f"{v!r}, cb)" in source for v in D.NF4_VALUES) and "cb_ptr" not in source
+
+
 @pytest.mark.parametrize("config", FORMATS, ids=lambda c: c.describe())
 def test_reference_decodes_the_stored_buffers(config):
     pw = _packed(config, 24, 70, torch.float32, "cpu")
