@@ -532,6 +532,7 @@ def quant_linear_ref(
 
 # ---- launch --------------------------------------------------------------------------------
 
+
 def _check_buffers(f: QuantFormat, codes, constants, cols: int) -> int:
     """Validate the stored buffers against the format; returns the number of groups per row."""
     out = codes.shape[0]
