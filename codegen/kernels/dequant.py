@@ -83,7 +83,7 @@ CONSTANT_BLOCK = 256  # passes.quant_formats.CONSTANT_BLOCK (checked in the test
 
 #: NF4's 16 values (``passes.quant_formats.NF4_CODEBOOK``, checked in the tests), written into the
 #: kernel source as constants: no codebook tensor to pass, so a compiled graph holds no CPU
-#: constant for it (one would keep inductor from capturing the step in a CUDA graph).
+#: constant for it (inductor skips CUDA graphs for graphs with CPU tensors; not yet seen on a GPU).
 NF4_VALUES = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
