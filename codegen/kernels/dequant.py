@@ -296,16 +296,11 @@ def _packed_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0, 
     """``_weight_tile`` of the packed group formats (intN, NF4)."""
     q = tl.reshape(_codes(codes_ptr, offs_n, n_mask, k0, row_bytes, n_groups, BITS, GROUP, BN, BK),
                    (BN, BK // GROUP, GROUP))
-    g = k0 // GROUP + tl.arange(0, BK // GROUP)
-    idx = offs_n[:, None] * n_groups + g[None, :]
-    cmask = n_mask[:, None] & (g < n_groups)[None, :]
+    s, mn = _group_constants(c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0, n_groups, KIND, GROUP, DQ, BK)
     if KIND == 0:
-        s = _constant(c0_ptr, c1_ptr, idx, cmask, DQ).to(DT)
-        mn = _constant(c2_ptr, c3_ptr, idx, cmask, DQ).to(DT)
-        w = _code_values(q, DT) * s[:, :, None] + mn[:, :, None]
+        w = _code_values(q, DT) * s.to(DT)[:, :, None] + mn.to(DT)[:, :, None]
     else:
-        a = _constant(c0_ptr, c1_ptr, idx, cmask, DQ).to(DT)
-        w = _nf4_values(q, DT) * a[:, :, None]
+        w = _nf4_values(q, DT) * s.to(DT)[:, :, None]
     return tl.reshape(w, (BN, BK))
 '''
 )
@@ -364,21 +359,22 @@ def ${KERNEL}("""
                 s, mn = _group_constants(c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0, n_groups, KIND, GROUP, DQ, BK)
             q = tl.reshape(_codes(codes_ptr, offs_n, n_mask, k0, row_bytes, n_groups, BITS, GROUP, BN, BK),
                            (BN, BK // GROUP, GROUP))
-            if MAGIC:
-                qf = _code_values(q, tl.float32)
-            else:
-                qf = q.to(tl.float32)
-            if ACC3:
-                if KIND == 0:
-                    w = qf * s.to(tl.float32)[:, :, None] + mn.to(tl.float32)[:, :, None]
+            s = s.to(tl.float32)
+            if KIND == 0:
+                if MAGIC:
+                    qf = _code_values(q, tl.float32)
                 else:
-                    w = _nf4_values(q, tl.float32) * s.to(tl.float32)[:, :, None]
-                part += w * x3[None, :, :]
-            elif KIND == 0:
-                part += (tl.sum(qf * x3[None, :, :], axis=2) * s.to(tl.float32)
-                         + mn.to(tl.float32) * tl.sum(x3, axis=1)[None, :])
+                    qf = q.to(tl.float32)
+                if ACC3:
+                    part += (qf * s[:, :, None] + mn.to(tl.float32)[:, :, None]) * x3[None, :, :]
+                else:
+                    part += tl.sum(qf * x3[None, :, :], axis=2) * s + mn.to(tl.float32) * tl.sum(x3, axis=1)[None, :]
             else:
-                part += tl.sum(_nf4_values(q, tl.float32) * x3[None, :, :], axis=2) * s.to(tl.float32)
+                v = _nf4_values(q, tl.float32)
+                if ACC3:
+                    part += v * s[:, :, None] * x3[None, :, :]
+                else:
+                    part += tl.sum(v * x3[None, :, :], axis=2) * s
     if KIND != 2 and ACC3:
         acc = tl.sum(tl.sum(part, axis=2), axis=1)
     else:

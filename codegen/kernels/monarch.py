@@ -288,7 +288,8 @@ def monarch_linear_ref(x, L, R, out_features: int, bias=None, epilogue: str = ""
 
 
 def monarch_linear(x, L, R, out_features: int, bias=None, epilogue: str = "", aux=(), *, wrap=None) -> torch.Tensor:
-    """Launch both stages: ``epilogue(monarch(x) + bias)``.
+    """``epilogue(monarch(x) + bias)``: the one-launch kernel up to :data:`GEMV_MAX_ROWS` rows (when a
+    block row fits, :data:`GEMV_MAX_TILE`), else the two stages.
 
     Args:
         x: ``(..., in)`` with ``in ≤ b·p``; L: ``(b, s, b·k)``; R: ``(b, k·b, p)``; bias ``(out,)`` or None.
