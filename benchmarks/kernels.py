@@ -721,7 +721,7 @@ def _decode_timer(model, compile_kwargs, prompt: int, steps: int, device):
     cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 8)
     fwd = torch.compile(model, **compile_kwargs) if compile_kwargs is not None else model
     counters.clear()
-    notes = _CompileNotes()
+    notes = _CompileNotes() if compile_kwargs is not None else None
     ids = torch.arange(1, prompt + 1, device=device)[None] % model.config.vocab_size
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with torch.no_grad():
@@ -729,13 +729,13 @@ def _decode_timer(model, compile_kwargs, prompt: int, steps: int, device):
         tok = ids[:, -1:]
         pos = torch.tensor([prompt], device=device)
         t0 = time.time()
-        for _ in range(3):  # compile (and CUDA-graph recording) happens here
-            logits = fwd(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
-            tok = logits[:, -1:].argmax(-1)
-            pos = pos + 1
-        sync()
+        with notes or contextlib.nullcontext():  # listens while compiling; detached even if it fails
+            for _ in range(3):  # compile (and CUDA-graph recording) happens here
+                logits = fwd(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
+                tok = logits[:, -1:].argmax(-1)
+                pos = pos + 1
+            sync()
         first = time.time() - t0
-        notes.close()
         out = []
         t0 = time.time()
         for _ in range(steps):
@@ -746,7 +746,7 @@ def _decode_timer(model, compile_kwargs, prompt: int, steps: int, device):
         sync()
         per_token = (time.time() - t0) / steps
         profile = _kernel_profile(lambda: fwd(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True), device)
-        if compile_kwargs is not None:
+        if notes is not None:
             profile += "\n    compile: " + notes.summary(counters)
         return per_token, first, torch.cat(out, 1), profile
 
@@ -766,6 +766,12 @@ class _CompileNotes(logging.Handler):
         self._loggers = [logging.getLogger(n) for n in ("torch", "torch._dynamo", "torch._inductor")]
         for logger in self._loggers:
             logger.addHandler(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def emit(self, record):
         msg = record.getMessage()
