@@ -737,15 +737,19 @@ def _decode_timer(model, compile_kwargs, prompt: int, steps: int, device):
             sync()
         first = time.time() - t0
         out = []
+        host = 0.0  # seconds inside the model call: near the per-token time means the host is the bottleneck
         t0 = time.time()
         for _ in range(steps):
+            h = time.perf_counter()
             logits = fwd(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
+            host += time.perf_counter() - h
             tok = logits[:, -1:].argmax(-1)
             out.append(tok)
             pos = pos + 1
         sync()
         per_token = (time.time() - t0) / steps
         profile = _kernel_profile(lambda: fwd(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True), device)
+        profile = f"host {host / steps * 1e3:.2f} ms/call in the model call; " + profile
         if notes is not None:
             profile += "\n    compile: " + notes.summary(counters)
         return per_token, first, torch.cat(out, 1), profile
