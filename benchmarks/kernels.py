@@ -434,9 +434,10 @@ def bench_lowrank(device, dtype):
         "met",
         "dense F.linear",
         "kernel eager (do_bench)",
-        "t = x·downᵀ alone",
+        "t = x·downᵀ alone (cuBLAS)",
+        "t in K slices (ours)",
     )
-    _print_row(*["---"] * 9)
+    _print_row(*["---"] * 10)
     for m, k, n, r in LOWRANK_SHAPES:
         if _late("low-rank"):
             break
@@ -464,9 +465,16 @@ def bench_lowrank(device, dtype):
         eager = _bench(K.lowrank_linear, *operands(0))
         # the first product on its own (cuBLAS): what the T_GIVEN path pays before its launch
         first = _cold(functools.partial(make, fn=lambda x, down, up, bias: F.linear(x, down)))
+        # ... and as the fused path computes it when t has too few tiles for the GPU (split-K)
+        split = K.down_splits(m, k, r, K._processors(torch.device(device)))
+        t_given = m >= K.T_GIVEN_ROWS or r * k >= K.T_GIVEN_DOWN
+        sliced = "—"
+        if t_given and split > 1:
+            ours_first = _cold(functools.partial(make, fn=lambda x, down, up, bias, s=split: K.down_product(x, down, s)))
+            sliced = f"{ours_first * 1e3:.1f} µs ({split} slices)"
         target = 1.3 if (r <= k // 8 or r <= n // 8) and m >= 512 else None
         _row(f"{m} × {k} → {n}, r={r}", "", base, "", ours, target, f"{dense * 1e3:.1f} µs", f"{eager * 1e3:.1f} µs",
-             f"{first * 1e3:.1f} µs")  # fmt: skip
+             f"{first * 1e3:.1f} µs", sliced)  # fmt: skip
 
 
 def bench_dequant(device, dtype):

@@ -84,6 +84,11 @@ def variants(quick: bool):
                 consts = {"HAS_BIAS": True, "IEEE": dt == "fp32", "UPCAST": False, "R_PAD": r_pad}
                 configs = lowrank.CONFIGS if full else lowrank.CONFIGS[:1]
                 out.append((f"lowrank {dt} r_pad={r_pad} ep={e.spec or '-'}", lowrank.kernel(e), {"default": TY[dt]}, consts, configs))
+        flags = {"IEEE": dt == "fp32", "UPCAST": False}
+        out.append((f"lowrank split-k down {dt}", lowrank.down_kernel(), {"default": TY[dt], "part_ptr": "*fp32"}, flags,
+                    lowrank.DOWN_CONFIGS if full else lowrank.DOWN_CONFIGS[:1]))  # fmt: skip
+        out.append((f"lowrank split-k sum {dt}", lowrank.sum_kernel(), {"default": TY[dt], "part_ptr": "*fp32"}, {"S": 4},
+                    lowrank.SUM_CONFIGS))  # fmt: skip
     formats = ["int8", "int4g32", "int4g128dq", "int3g64", "int2g128", "nf4g64dq", "int3g32dq", "nf4g128"]
     for fmt in formats if not quick else formats[:3]:
         f = dequant.QuantFormat.parse(fmt)

@@ -20,7 +20,7 @@ def _load():
 
 def test_benchmark_sections_run_at_tiny_sizes(device, capsys):
     bench = _load()
-    bench.LOWRANK_SHAPES = [(3, 40, 24, 8), (1, 24, 40, 4), (260, 24, 40, 4)]  # the last: t given
+    bench.LOWRANK_SHAPES = [(3, 40, 24, 8), (1, 24, 40, 4), (260, 24, 40, 4), (256, 512, 40, 8)]  # t given; t split
     bench.GEMV_SHAPES = [(24, 64)]
     bench.GEMV_FORMATS = ("int4g32", "int8")
     bench.GEMM_SHAPES = [(20, 24, 64)]
@@ -45,3 +45,4 @@ def test_benchmark_sections_run_at_tiny_sizes(device, capsys):
     for heading in ("Fused low-rank", "Dequant-GEMV", "Dequant-GEMM", "Monarch", "Decode proxy"):
         assert heading in out
     assert "kernel + fused epilogues" in out and out.count("×") > 8
+    assert "(2 slices)" in out  # the split-K first product timed beside cuBLAS
