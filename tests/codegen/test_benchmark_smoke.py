@@ -18,30 +18,33 @@ def _load():
     return module
 
 
-def test_benchmark_sections_run_at_tiny_sizes(device, capsys):
+def test_benchmark_sections_run_at_tiny_sizes(device, capsys, monkeypatch):
     bench = _load()
-    bench.LOWRANK_SHAPES = [(3, 40, 24, 8), (1, 24, 40, 4), (260, 24, 40, 4), (256, 512, 40, 8)]  # t given; t split
-    bench.GEMV_SHAPES = [(24, 64)]
-    bench.GEMV_FORMATS = ("int4g32", "int8")
-    bench.GEMM_SHAPES = [(20, 24, 64)]
-    bench.MONARCH_SHAPES = [(64, 8)]
-    bench.MONARCH_ROWS = (1, 17)
-    bench.PROXY_SHAPES = {
-        "q": (32, 32),
-        "k": (16, 32),
-        "v": (16, 32),
-        "o": (32, 32),
-        "gate": (64, 32),
-        "up": (64, 32),
-        "down": (32, 64),
+    from kernel_bench import common, decode, speed  # on sys.path once kernels.py is loaded
+
+    tiny = {
+        "LOWRANK_SHAPES": [(3, 40, 24, 8), (1, 24, 40, 4), (260, 24, 40, 4), (256, 512, 40, 8)],  # t given; t split
+        "GEMV_SHAPES": [(24, 64)],
+        "GEMV_FORMATS": ["int4g32", "int8"],
+        "GEMM_SHAPES": [(20, 24, 64)],
+        "MONARCH_SHAPES": [(64, 8)],
+        "MONARCH_ROWS": (1, 17),
     }
+    for name, value in tiny.items():
+        monkeypatch.setattr(speed, name, value)
+    monkeypatch.setattr(
+        decode,
+        "PROXY_SHAPES",
+        {"q": (32, 32), "k": (16, 32), "v": (16, 32), "o": (32, 32), "gate": (64, 32), "up": (64, 32), "down": (32, 64)},
+    )
+    common.FAILURES.clear()  # one list, appended to by every section
     dtype = torch.float32
     bench.bench_lowrank(device, dtype)
     bench.bench_dequant(device, dtype)
     bench.bench_monarch(device, dtype)
     bench.bench_decode_proxy(device, dtype, 2, kernel_variants=True)
     out = capsys.readouterr().out
-    assert bench.FAILURES == []
+    assert common.FAILURES == []
     for heading in ("Fused low-rank", "Dequant-GEMV", "Dequant-GEMM", "Monarch", "Decode proxy"):
         assert heading in out
     assert "kernel + fused epilogues" in out and out.count("×") > 8

@@ -1,0 +1,189 @@
+"""Kernel speed rows: fused low-rank, dequant GEMV/GEMM, Monarch, each beside its torch baseline."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .common import _bench, _buffers, _cold, _format, _late, _nbytes, _packed, _print_row, _row, _tuned_config
+
+__all__ = ["GEMM_SHAPES", "GEMV_FORMATS", "GEMV_SHAPES", "LOWRANK_SHAPES", "MONARCH_ROWS", "MONARCH_SHAPES",
+           "bench_dequant", "bench_lowrank", "bench_monarch"]  # fmt: skip
+
+# The benchmarked shapes (module-level so a smoke test can shrink them).
+# The benchmarked shapes (module-level so a smoke test can shrink them).
+#: (M, in, out, rank): ranks ≤ d/8; the fused kernel keeps ranks up to 256 on chip (MAX_RANK).
+LOWRANK_SHAPES = [(512, 4096, 4096, 256), (2048, 4096, 4096, 256), (4096, 4096, 4096, 128),
+                  (512, 576, 1536, 72), (2048, 1536, 576, 72), (1, 4096, 4096, 256), (1, 576, 1536, 64)]  # fmt: skip
+#: (out, in) of the batch-1 GEMVs; every format on the first, int4 on the rest.
+GEMV_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576)]
+GEMV_FORMATS = ["int4g128", "int4g32", "int3g64", "int8", "nf4g64"]
+#: (M, out, in) of the prefill GEMMs.
+GEMM_SHAPES = [(512, 4096, 4096), (512, 1536, 576)]
+#: (n, blocks) and row counts of the Monarch rows.
+MONARCH_SHAPES = [(4096, 64), (8192, 64)]
+MONARCH_ROWS = (1, 512, 4096)
+
+
+def bench_lowrank(device, dtype):
+    from codegen.kernels import lowrank as K
+
+    print("\n### Fused low-rank vs two torch matmuls (fp16; CUDA graph, cold operands)\n")
+    _print_row(
+        "M × in → out, rank",
+        "two matmuls",
+        "fused kernel",
+        "speedup",
+        "target",
+        "met",
+        "dense F.linear",
+        "kernel eager (do_bench)",
+        "t = x·downᵀ alone (cuBLAS)",
+        "t in K slices (ours)",
+    )
+    _print_row(*["---"] * 10)
+    for m, k, n, r in LOWRANK_SHAPES:
+        if _late("low-rank"):
+            break
+
+        def operands(i, m=m, k=k, n=n, r=r):
+            g = torch.Generator(device=device).manual_seed(i)
+            x = torch.randn(m, k, device=device, dtype=dtype, generator=g)
+            down = torch.randn(r, k, device=device, dtype=dtype, generator=g) / k**0.5
+            up = torch.randn(n, r, device=device, dtype=dtype, generator=g) / r**0.5
+            bias = torch.randn(n, device=device, dtype=dtype, generator=g)
+            return x, down, up, bias
+
+        def make(i, fn):
+            x, down, up, bias = operands(i)
+            return (lambda: fn(x, down, up, bias)), _nbytes(x, down, up, bias)
+
+        def make_dense(i, m=m, k=k, n=n):
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            w, bias = (torch.randn(n, k, device=device, dtype=dtype), torch.randn(n, device=device, dtype=dtype))
+            return (lambda: F.linear(x, w, bias)), _nbytes(x, w, bias)
+
+        base = _cold(functools.partial(make, fn=K.lowrank_linear_ref))  # F.linear(F.linear(x, down), up, bias)
+        ours = _cold(functools.partial(make, fn=K.lowrank_linear))
+        dense = _cold(make_dense)
+        eager = _bench(K.lowrank_linear, *operands(0))
+        # the first product on its own (cuBLAS): what the T_GIVEN path pays before its launch
+        first = _cold(functools.partial(make, fn=lambda x, down, up, bias: F.linear(x, down)))
+        # ... and as the fused path computes it when t has too few tiles for the GPU (split-K)
+        split = K.down_splits(m, k, r, K._processors(torch.device(device)))
+        t_given = m >= K.T_GIVEN_ROWS or r * k >= K.T_GIVEN_DOWN
+        sliced = "—"
+        if t_given and split > 1:
+            ours_first = _cold(functools.partial(make, fn=lambda x, down, up, bias, s=split: K.down_product(x, down, s)))
+            sliced = f"{ours_first * 1e3:.1f} µs ({split} slices)"
+        target = 1.3 if (r <= k // 8 or r <= n // 8) and m >= 512 else None
+        _row(f"{m} × {k} → {n}, r={r}", "", base, "", ours, target, f"{dense * 1e3:.1f} µs", f"{eager * 1e3:.1f} µs",
+             f"{first * 1e3:.1f} µs", sliced)  # fmt: skip
+
+
+def bench_dequant(device, dtype):
+    from codegen.kernels import dequant as D
+
+    def make_dense(i, m, n, k):
+        x, w = (torch.randn(m, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype))
+        return (lambda: F.linear(x, w)), _nbytes(x, w)
+
+    def make_quant(i, m, n, k, spec, **kw):
+        pw, _ = _packed(_format(spec), n, k, dtype, device, seed=i)
+        codes, constants, fmt = _buffers(pw)
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        return (lambda: D.quant_linear(x, codes, constants, fmt, k, **kw)), _nbytes(x, codes, *constants)
+
+    print("\n### Dequant-GEMV at batch 1 vs the fp16 dense matmul (CUDA graph, cold weights)\n")
+    print(f"kernel: what quant_linear runs at 1 row (GEMV_MAX_M = {D.GEMV_MAX_M}: the CUDA-core GEMV); "
+          "tensor-core path: the GEMM kernel at 1 row (BM = 16 tiles, decoded in fp16)\n")  # fmt: skip
+    _print_row("out × in", "format", "fp16 F.linear", "kernel", "speedup", "target", "met", "weight bytes fp16/packed",
+               "HBM GB/s (kernel)", "tuned config", "tensor-core path", "its speedup", "kernel eager (do_bench)")  # fmt: skip
+    _print_row(*["---"] * 13)
+    tc_wins = []  # int4 rows: the tensor-core path faster than the GEMV?
+    for i, (n, k) in enumerate(GEMV_SHAPES):
+        if _late("dequant GEMV"):
+            break
+        dense = _cold(functools.partial(make_dense, m=1, n=n, k=k))
+        for spec in GEMV_FORMATS if i == 0 else GEMV_FORMATS[:2]:
+            pw, _ = _packed(_format(spec), n, k, dtype, device)
+            codes, constants, fmt = _buffers(pw)
+            x = torch.randn(1, k, device=device, dtype=dtype)
+            ours = _cold(functools.partial(make_quant, m=1, n=n, k=k, spec=spec))
+            tuned = _tuned_config(D.gemv_kernel())
+            gemv_max_m, D.GEMV_MAX_M = D.GEMV_MAX_M, 0  # read at launch, i.e. while the graphs are captured
+            try:
+                tc = _cold(functools.partial(make_quant, m=1, n=n, k=k, spec=spec))
+            finally:
+                D.GEMV_MAX_M = gemv_max_m
+            eager = _bench(D.quant_linear, x, codes, constants, fmt, k)
+            packed_bytes = _nbytes(*pw.buffers())
+            ratio = dense / ours
+            if spec.startswith("int4"):
+                tc_wins.append(tc < ours)
+            target = 2.5 if spec.startswith("int4") and n * k >= 4096 * 4096 else None
+            met = "" if target is None else ("yes" if ratio >= target else "no")
+            _print_row(f"{n} × {k}", fmt, f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{ratio:.2f}×",
+                       f"≥ {target}×" if target else "—", met, f"{n * k * 2 / packed_bytes:.2f}×",
+                       f"{packed_bytes / (ours * 1e-3) / 1e9:.0f}", tuned, f"{tc * 1e3:.1f} µs", f"{dense / tc:.2f}×",
+                       f"{eager * 1e3:.1f} µs")  # fmt: skip
+    if tc_wins and sum(tc_wins) * 2 > len(tc_wins):
+        D.GEMV_MAX_M = 0
+        print(f"\nthe tensor-core path was faster in {sum(tc_wins)}/{len(tc_wins)} int4 rows: the rest of this run "
+              "(end to end included) decodes on it (GEMV_MAX_M = 0)")  # fmt: skip
+    print("\n### Dequant-GEMM at prefill vs the fp16 dense matmul (CUDA graph, cold weights)\n")
+    _print_row("M × in → out", "format", "fp16 F.linear", "kernel", "speedup")
+    _print_row(*["---"] * 5)
+    for m, n, k in GEMM_SHAPES:
+        if _late("dequant GEMM"):
+            break
+        dense = _cold(functools.partial(make_dense, m=m, n=n, k=k))
+        ours = _cold(functools.partial(make_quant, m=m, n=n, k=k, spec="int4g128"))
+        _print_row(f"{m} × {k} → {n}", "int4g128", f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{dense / ours:.2f}×")
+
+
+def bench_monarch(device, dtype):
+    from codegen.kernels import monarch as K
+
+    print("\n### Monarch (one launch up to 4 rows, two stages beyond) vs dense (CUDA graph, cold operands)\n")
+    _print_row(
+        "M × n",
+        "blocks, rank",
+        "dense F.linear",
+        "kernel",
+        "speedup",
+        "target",
+        "met",
+        "torch reference",
+        "kernel eager (do_bench)",
+    )
+    _print_row(*["---"] * 9)
+    for n, b in MONARCH_SHAPES:
+        p = n // b
+
+        def factors(n=n, b=b, p=p):
+            return torch.randn(b, p, b, device=device, dtype=dtype) / b**0.5, torch.randn(
+                b, b, p, device=device, dtype=dtype
+            ) / p**0.5
+
+        for m in MONARCH_ROWS:
+            if _late("Monarch"):
+                return
+
+            def make_dense(i, m=m, n=n):
+                x, w = (torch.randn(m, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype))
+                return (lambda: F.linear(x, w)), _nbytes(x, w)
+
+            def make(i, fn, m=m, n=n):
+                x, (L, R) = torch.randn(m, n, device=device, dtype=dtype), factors()
+                return (lambda: fn(x, L, R, n)), _nbytes(x, L, R) + m * n * x.element_size()
+
+            dense = _cold(make_dense)
+            ours = _cold(functools.partial(make, fn=K.monarch_linear))
+            ref = _cold(functools.partial(make, fn=K.monarch_linear_ref))
+            eager = _bench(K.monarch_linear, torch.randn(m, n, device=device, dtype=dtype), *factors(), n)
+            ratio = dense / ours
+            _print_row(f"{m} × {n}", f"{b}, 1", f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{ratio:.2f}×", "≥ 3×",
+                       "yes" if ratio >= 3 else "no", f"{ref * 1e3:.1f} µs", f"{eager * 1e3:.1f} µs")  # fmt: skip
