@@ -1,0 +1,348 @@
+"""The Triton source of the dequantize-and-multiply kernels, and their tuning spaces.
+
+:mod:`codegen.kernels.dequant` builds kernels from these templates (``codegen.template.build``)
+and launches them; the formats, the two paths (GEMV for decode, GEMM for prefill) and the
+stored layout they read are described there. Here: the shared ``@triton.jit`` helpers (code
+unpacking, group constants, decoding in the input dtype), the GEMV and GEMM templates with their
+``${EPILOGUE}`` slot, and the configs the autotuner chooses from.
+"""
+
+from __future__ import annotations
+
+from codegen.kernels.common import DOT_HELPER, ROW_TAIL
+
+__all__ = ["CONSTANT_BLOCK", "GEMM_CONFIGS", "GEMM_TEMPLATE", "GEMV_CONFIGS", "GEMV_TEMPLATE", "NF4_VALUES"]
+
+CONSTANT_BLOCK = 256  # passes.quant_formats.CONSTANT_BLOCK (checked in the tests)
+
+#: NF4's 16 values (``passes.quant_formats.NF4_CODEBOOK``, checked in the tests), written into the
+#: kernel source as constants: no codebook tensor to pass, so a compiled graph holds no CPU
+#: constant for it (inductor skips CUDA graphs for graphs with CPU tensors; not yet seen on a GPU).
+NF4_VALUES = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)  # fmt: skip
+
+_NF4_CODEBOOK_SOURCE = (
+    "\n\n@triton.jit\ndef _nf4_codebook():\n"
+    '    """The NF4 values as a 16-element fp32 tensor in registers (from constants)."""\n'
+    "    i = tl.arange(0, 16)\n    cb = tl.zeros((16,), dtype=tl.float32)\n"
+    + "".join(f"    cb = tl.where(i == {k}, {v!r}, cb)\n" for k, v in enumerate(NF4_VALUES))
+    + "    return cb\n"
+)
+
+_HELPERS = (
+    DOT_HELPER
+    + _NF4_CODEBOOK_SOURCE
+    + '''
+
+@triton.jit
+def _constant(vals_ptr, blocks_ptr, idx, mask, DQ: tl.constexpr):
+    """fp32 constants at ``idx``: stored fp16, or uint8 codes · block scale + block offset."""
+    if DQ:
+        blk = idx // 256
+        c = tl.load(vals_ptr + idx, mask=mask, other=0).to(tl.float32)
+        return c * tl.load(blocks_ptr + 2 * blk, mask=mask, other=0.0) + tl.load(blocks_ptr + 2 * blk + 1, mask=mask, other=0.0)
+    return tl.load(vals_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _group_constants(c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0, n_groups,
+                     KIND: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr, BK: tl.constexpr):
+    """The ``(BN, BK/GROUP)`` constants of the groups in columns ``k0 … k0 + BK`` (masked past the
+    row): (scale, minimum) for intN, (absmax, absmax) for NF4 (the second unused). Stored fp16
+    constants come back as loaded (the caller widens them where it uses them, so that a load
+    issued one iteration ahead is not waited on here); double-quantized ones decoded, in fp32."""
+    g = k0 // GROUP + tl.arange(0, BK // GROUP)
+    idx = offs_n[:, None] * n_groups + g[None, :]
+    cmask = n_mask[:, None] & (g < n_groups)[None, :]
+    if DQ:
+        s = _constant(c0_ptr, c1_ptr, idx, cmask, DQ)
+        mn = s
+        if KIND == 0:
+            mn = _constant(c2_ptr, c3_ptr, idx, cmask, DQ)
+    else:
+        s = tl.load(c0_ptr + idx, mask=cmask, other=0.0)
+        mn = s
+        if KIND == 0:
+            mn = tl.load(c2_ptr + idx, mask=cmask, other=0.0)
+    return s, mn
+
+
+@triton.jit
+def _nf4_values(q, DT: tl.constexpr):
+    """``codebook[q]`` in ``DT`` from the 16 codebook values held in registers (``tl.gather``): a
+    gather from global memory per code would be an indirect load, which the loop pipeliner stages
+    through shared memory at a tile's full size per stage."""
+    cb = _nf4_codebook().to(DT)
+    flat = tl.reshape(q, (q.numel,))
+    return tl.reshape(tl.gather(cb, flat, 0), q.shape)
+
+
+@triton.jit
+def _code_values(q, DT: tl.constexpr):
+    """Non-negative int32 codes (< 16) as ``DT`` floats, exactly and without a conversion
+    instruction: OR-ed into the low mantissa bits of a power of two ``P`` they read as ``P + q``;
+    subtract ``P``. The GEMM's weight tiles use it (``cvt`` runs at a quarter of the FMA rate on
+    NVIDIA GPUs, and the fp32 decode took two per weight: int→fp32, fp32→fp16), and the GEMV's
+    ``MAGIC`` variant (alone it made no difference on the H100, run 6: that loop waited on loads)."""
+    if DT == tl.float16:
+        return (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+    elif DT == tl.bfloat16:
+        return (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - 128.0
+    else:
+        return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _weight_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
+                 KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr):
+    """The ``(BN, BK)`` tile of W at rows ``offs_n``, columns ``k0 … k0 + BK``, decoded in ``DT``
+    (the input dtype, which ``tl.dot`` takes: 16-bit arithmetic, no per-weight conversions; the
+    reference rounds the fp32 decode to the input dtype, so the two agree to that rounding)."""
+    if KIND == 2:
+        offs_k = k0 + tl.arange(0, BK)
+        q = tl.load(codes_ptr + offs_n[:, None] * row_bytes + offs_k[None, :],
+                    mask=n_mask[:, None] & (offs_k < row_bytes)[None, :], other=0)
+        s = tl.load(c0_ptr + offs_n, mask=n_mask, other=0.0).to(DT)
+        if DT == tl.float16:
+            qv = ((q.to(tl.int32) + 128) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1152.0
+        else:
+            qv = q.to(DT)
+        w = qv * s[:, None]
+    else:
+        w = _packed_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
+                         KIND, BITS, GROUP, DQ, BN, BK, DT)
+    return w
+
+
+@triton.jit
+def _codes(codes_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
+           BITS: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """The int32 ``(BN, BK)`` codes of rows ``offs_n``, columns ``k0 … k0 + BK`` (packed formats)."""
+    # packed codes: BK·BITS/8 contiguous bytes per row; words past the stored (padded) row are masked
+    # (masks on the byte index, which is contiguous along the tile, so the loads stay 16-byte vectors)
+    kb = (k0 * BITS) // 8
+    base = codes_ptr + offs_n[:, None] * row_bytes + kb
+    if BITS == 4:
+        j = tl.arange(0, BK // 2)
+        b = tl.load(base + j[None, :], mask=n_mask[:, None] & ((kb + j) < row_bytes)[None, :], other=0,
+                    eviction_policy="evict_first").to(tl.int32)
+        q = tl.join(b & 15, b >> 4)
+    elif BITS == 2:
+        j = tl.arange(0, BK // 4)
+        b = tl.load(base + j[None, :], mask=n_mask[:, None] & ((kb + j) < row_bytes)[None, :], other=0,
+                    eviction_policy="evict_first").to(tl.int32)
+        q = tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6))
+    else:
+        # int3: eight codes per little-endian 3-byte word
+        j = tl.arange(0, BK // 8)
+        mask = n_mask[:, None] & ((k0 + 8 * j) < n_groups * GROUP)[None, :]
+        word = tl.load(base + 3 * j[None, :], mask=mask, other=0).to(tl.int32)
+        word = word | (tl.load(base + 3 * j[None, :] + 1, mask=mask, other=0).to(tl.int32) << 8)
+        word = word | (tl.load(base + 3 * j[None, :] + 2, mask=mask, other=0).to(tl.int32) << 16)
+        even = tl.join(tl.join(word & 7, (word >> 12) & 7), tl.join((word >> 6) & 7, (word >> 18) & 7))
+        odd = tl.join(tl.join((word >> 3) & 7, (word >> 15) & 7), tl.join((word >> 9) & 7, (word >> 21) & 7))
+        q = tl.join(even, odd)
+    return tl.reshape(q, (BN, BK))
+
+
+@triton.jit
+def _packed_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
+                 KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr):
+    """``_weight_tile`` of the packed group formats (intN, NF4)."""
+    q = tl.reshape(_codes(codes_ptr, offs_n, n_mask, k0, row_bytes, n_groups, BITS, GROUP, BN, BK),
+                   (BN, BK // GROUP, GROUP))
+    s, mn = _group_constants(c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0, n_groups, KIND, GROUP, DQ, BK)
+    if KIND == 0:
+        w = _code_values(q, DT) * s.to(DT)[:, :, None] + mn.to(DT)[:, :, None]
+    else:
+        w = _nf4_values(q, DT) * s.to(DT)[:, :, None]
+    return tl.reshape(w, (BN, BK))
+'''
+)
+
+_PARAMS = """
+    x_ptr, codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, bias_ptr, t_ptr, up_ptr, out_ptr, ${AUX_PARAMS}
+    M, N, K, R, row_bytes, n_groups, stride_xm, M_CLASS,
+    KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,"""
+
+GEMV_TEMPLATE = (
+    _HELPERS
+    + """
+
+@triton.jit
+def ${KERNEL}("""
+    + _PARAMS
+    + """
+    BN: tl.constexpr, BK: tl.constexpr, LS: tl.constexpr, PREFETCH: tl.constexpr, ACC3: tl.constexpr, MAGIC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_mask = offs_n < N
+
+    # Per (row, group) partial sums Σ q·x, scaled once per group: y = Σ_g s_g·Σ q·x + min_g·Σ x
+    # (NF4: absmax_g·Σ codebook[q]·x; int8: one scale per row at the end), a (BN, BK/GROUP) fp32
+    # tile; or (ACC3) the decoded w·x per code, reduced after the loop.
+    if KIND == 2:
+        part = tl.zeros((BN, BK), dtype=tl.float32)
+    elif ACC3:
+        part = tl.zeros((BN, BK // GROUP, GROUP), dtype=tl.float32)
+    else:
+        part = tl.zeros((BN, BK // GROUP), dtype=tl.float32)
+    # Variants (LS, PREFETCH, ACC3, MAGIC): see GEMV_CONFIGS. LS > 1 pipelines the code and x loads
+    # through shared memory (the kernel-level num_stages only pipelines loads that feed a tl.dot).
+    if KIND != 2 and PREFETCH:
+        s_next, mn_next = _group_constants(c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, 0, n_groups,
+                                           KIND, GROUP, DQ, BK)
+    for k0 in tl.range(0, K, BK, num_stages=LS):
+        if KIND == 2:
+            offs_k = k0 + tl.arange(0, BK)
+            xk = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            q = tl.load(codes_ptr + offs_n[:, None] * row_bytes + offs_k[None, :],
+                        mask=n_mask[:, None] & (offs_k < row_bytes)[None, :], other=0, eviction_policy="evict_first")
+            part += q.to(tl.float32) * xk[None, :]
+        else:
+            # x as (groups, columns), the shape the products broadcast it to
+            offs_k3 = k0 + tl.arange(0, BK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+            x3 = tl.load(x_ptr + m * stride_xm + offs_k3, mask=offs_k3 < K, other=0.0).to(tl.float32)
+            if PREFETCH:
+                s, mn = s_next, mn_next
+                s_next, mn_next = _group_constants(c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0 + BK, n_groups,
+                                                   KIND, GROUP, DQ, BK)
+            else:
+                s, mn = _group_constants(c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0, n_groups, KIND, GROUP, DQ, BK)
+            q = tl.reshape(_codes(codes_ptr, offs_n, n_mask, k0, row_bytes, n_groups, BITS, GROUP, BN, BK),
+                           (BN, BK // GROUP, GROUP))
+            s = s.to(tl.float32)
+            if KIND == 0:
+                if MAGIC:
+                    qf = _code_values(q, tl.float32)
+                else:
+                    qf = q.to(tl.float32)
+                if ACC3:
+                    part += (qf * s[:, :, None] + mn.to(tl.float32)[:, :, None]) * x3[None, :, :]
+                else:
+                    part += tl.sum(qf * x3[None, :, :], axis=2) * s + mn.to(tl.float32) * tl.sum(x3, axis=1)[None, :]
+            else:
+                v = _nf4_values(q, tl.float32)
+                if ACC3:
+                    part += v * s[:, :, None] * x3[None, :, :]
+                else:
+                    part += tl.sum(v * x3[None, :, :], axis=2) * s
+    if KIND != 2 and ACC3:
+        acc = tl.sum(tl.sum(part, axis=2), axis=1)
+    else:
+        acc = tl.sum(part, axis=1)
+    if KIND == 2:
+        acc = acc * tl.load(c0_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+
+    # low-rank term t·upᵀ (t = x·downᵀ computed before the launch)
+    if HAS_LR:
+        offs_r = tl.arange(0, R_PAD)
+        tr = tl.load(t_ptr + m * R + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
+        u = tl.load(up_ptr + offs_n[:, None] * R + offs_r[None, :], mask=n_mask[:, None] & (offs_r < R)[None, :], other=0.0)
+        acc += tl.sum(u.to(tl.float32) * tr[None, :], axis=1)
+"""
+    + ROW_TAIL
+)
+
+GEMM_TEMPLATE = (
+    _HELPERS
+    + """
+
+@triton.jit
+def ${KERNEL}("""
+    + _PARAMS
+    + """
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+
+    # x tile · (dequantized tile)ᵀ on tensor cores; the fp weight tile stays on chip
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+        if UPCAST:  # the interpreter (numpy has no bfloat16 arithmetic): decode in fp32
+            w = _weight_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
+                             KIND, BITS, GROUP, DQ, BN, BK, tl.float32)
+        else:
+            w = _weight_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
+                             KIND, BITS, GROUP, DQ, BN, BK, x_ptr.dtype.element_ty)
+        acc = _dot(a, tl.trans(w), acc, IEEE, UPCAST)
+
+    # low-rank term t·upᵀ (t = x·downᵀ computed before the launch)
+    if HAS_LR:
+        offs_r = tl.arange(0, R_PAD)
+        t = tl.load(t_ptr + offs_m[:, None] * R + offs_r[None, :], mask=m_mask[:, None] & (offs_r < R)[None, :], other=0.0)
+        u = tl.load(up_ptr + offs_n[None, :] * R + offs_r[:, None], mask=n_mask[None, :] & (offs_r < R)[:, None], other=0.0)
+        acc = _dot(t, u, acc, IEEE, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_offs = offs_m[:, None] * N + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    ${EPILOGUE}
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+"""
+)
+
+#: GEMV tuning space (the first is the untuned default). Batch-1 decode reads each weight byte once,
+#: so the tiles are sized for memory-level parallelism: 1–4 KB of int4 codes per program and
+#: iteration, few rows per program so that a 4096-row weight gives 256–2048 programs. What the
+#: H100 showed (runs 4–6: ~1.2 TB/s whatever the tiles) and the compiled loop explains (sm_90 SASS,
+#: ``benchmarks/kernels_aot.py``): every iteration waited on its loads, and each code cost ~7
+#: instructions, two of them conversions (int→fp32 at a quarter of the FMA rate, x fp16→fp32).
+#: The switches below are variants of the same arithmetic for the tuner to choose between, by
+#: measurement on the card it runs on (each is checked against the reference in the tests):
+#:
+#: - ``LS``: a loop-level ``num_stages`` (iterations in flight; 1 = none). On its own it did not
+#:   move the 4096-wide rows (run 5: 8.9 vs 8.5 µs) and slowed the 576-wide ones (2.9 vs 2.5 µs),
+#:   because the group constants, too narrow for async copies, stayed a load waited on per step.
+#: - ``PREFETCH``: those constants issued one iteration ahead, widened only where used.
+#: - ``ACC3``: accumulate ``w·x`` per code in a ``(BN, BK/GROUP, GROUP)`` tile and reduce once after
+#:   the loop, instead of a per-group reduction (and its layout conversion) every iteration.
+#: - ``MAGIC``: codes to fp32 through :func:`_code_values` (two full-rate instructions) instead of
+#:   a conversion.
+#:
+#: The last seven are not yet measured on a GPU.
+GEMV_CONFIGS = (
+    {"BN": 8, "BK": 512, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 1},
+    {"BN": 4, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 1},
+    {"BN": 16, "BK": 256, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 1},
+    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 3},
+    {"BN": 8, "BK": 256, "LS": 4, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 4},
+    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": True, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 3},
+    {"BN": 4, "BK": 1024, "LS": 3, "PREFETCH": True, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 3},
+    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": True, "ACC3": True, "MAGIC": False, "num_warps": 4, "num_stages": 3},
+    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": True, "ACC3": False, "MAGIC": True, "num_warps": 4, "num_stages": 3},
+    {"BN": 4, "BK": 1024, "LS": 3, "PREFETCH": True, "ACC3": False, "MAGIC": True, "num_warps": 4, "num_stages": 3},
+    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": True, "ACC3": True, "MAGIC": True, "num_warps": 4, "num_stages": 3},
+    {"BN": 16, "BK": 256, "LS": 3, "PREFETCH": True, "ACC3": True, "MAGIC": True, "num_warps": 4, "num_stages": 3},
+)
+
+#: GEMM tuning space: tensor-core tiles up to 128×128 (BK = 128 or 256, multiples of every group
+#: size), and BM = 16 tiles for a few rows (decode on tensor cores: the tile is decoded in the
+#: input dtype and fed to ``tl.dot`` as is, so no per-weight conversion instructions).
+GEMM_CONFIGS = (
+    {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3},
+    {"BM": 128, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 3},
+    {"BM": 64, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 3},
+    {"BM": 128, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 4},
+    {"BM": 32, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 4},
+    {"BM": 16, "BN": 128, "BK": 128, "num_warps": 4, "num_stages": 4},
+    {"BM": 16, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 4},
+    {"BM": 16, "BN": 32, "BK": 256, "num_warps": 4, "num_stages": 4},
+    {"BM": 16, "BN": 64, "BK": 256, "num_warps": 4, "num_stages": 3},
+)
