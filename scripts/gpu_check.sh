@@ -17,7 +17,7 @@ PY="${PYTHON:-python}"
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } > "$OUT/device.txt" 2>&1
 if [ "${SKIP_PYTEST:-0}" != 1 ]; then
-  DECOMP_AUTOTUNE=0 timeout 120 "$PY" -m pytest -q -p no:cacheprovider \
+  DECOMP_AUTOTUNE=0 timeout 180 "$PY" -m pytest -q -p no:cacheprovider \
     tests/codegen/test_monarch_kernel.py tests/codegen/test_gpu.py > "$OUT/pytest_gpu.txt" 2>&1
   echo "pytest exit $?" >> "$OUT/pytest_gpu.txt"
   tail -3 "$OUT/pytest_gpu.txt"
