@@ -20,6 +20,7 @@ __all__ = [
     "next_pow2",
     "parse_epilogue",
     "rows_of",
+    "tile_tail",
     "unused_pointer",
 ]
 
@@ -50,6 +51,21 @@ ROW_TAIL = """    if HAS_BIAS:
     ${EPILOGUE}
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 """
+
+
+def tile_tail(indent: str = "    ") -> str:
+    """The end of a 2-D tile template at ``indent``: bias, the epilogue slot, one store. Before it
+    the template has the fp32 accumulator ``acc`` over rows ``offs_m`` (in range: ``m_mask``) and
+    output columns ``offs_n`` (``n_mask``) of an ``(M, N)`` output."""
+    return "".join(indent + line + "\n" for line in _TILE_TAIL.splitlines())
+
+
+_TILE_TAIL = """if HAS_BIAS:
+    acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+out_offs = offs_m[:, None] * N + offs_n[None, :]
+out_mask = m_mask[:, None] & n_mask[None, :]
+${EPILOGUE}
+tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)"""
 
 
 class KernelError(ValueError):

@@ -9,7 +9,7 @@ unpacking, group constants, decoding in the input dtype), the GEMV and GEMM temp
 
 from __future__ import annotations
 
-from codegen.kernels.common import DOT_HELPER, ROW_TAIL
+from codegen.kernels.common import DOT_HELPER, ROW_TAIL, tile_tail
 
 __all__ = ["CONSTANT_BLOCK", "GEMM_CONFIGS", "GEMM_TEMPLATE", "GEMV_CONFIGS", "GEMV_TEMPLATE", "NF4_VALUES"]
 
@@ -289,13 +289,8 @@ def ${KERNEL}("""
         t = tl.load(t_ptr + offs_m[:, None] * R + offs_r[None, :], mask=m_mask[:, None] & (offs_r < R)[None, :], other=0.0)
         u = tl.load(up_ptr + offs_n[None, :] * R + offs_r[:, None], mask=n_mask[None, :] & (offs_r < R)[:, None], other=0.0)
         acc = _dot(t, u, acc, IEEE, UPCAST)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out_offs = offs_m[:, None] * N + offs_n[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    ${EPILOGUE}
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 """
+    + tile_tail("    ")
 )
 
 #: GEMV tuning space (the first is the untuned default). Batch-1 decode reads each weight byte once,

@@ -36,6 +36,7 @@ from codegen.kernels.common import (
     next_pow2,
     parse_epilogue,
     rows_of,
+    tile_tail,
     unused_pointer,
 )
 from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
@@ -111,13 +112,8 @@ def ${KERNEL}(
         n_mask = offs_n < N
         u = tl.load(up_ptr + offs_n[None, :] * R + offs_r[:, None], mask=n_mask[None, :] & r_mask[:, None], other=0.0)
         acc = _dot(t, u, tl.zeros((BM, BN), dtype=tl.float32), IEEE, UPCAST)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        out_offs = offs_m[:, None] * N + offs_n[None, :]
-        out_mask = m_mask[:, None] & n_mask[None, :]
-        ${EPILOGUE}
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 """
+    + tile_tail("        ")
 )
 
 

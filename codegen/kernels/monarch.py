@@ -41,6 +41,7 @@ from codegen.kernels.common import (
     dot_flags,
     next_pow2,
     rows_of,
+    tile_tail,
     unused_pointer,
 )
 from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
@@ -126,13 +127,8 @@ def ${KERNEL}(
         w = tl.load(l_ptr + i * S * BK_IN + offs_a[None, :] * BK_IN + offs_q[:, None],
                     mask=(offs_a < S)[None, :] & q_mask[:, None], other=0.0)
         acc = _dot(a, w, acc, IEEE, UPCAST)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out_offs = offs_m[:, None] * N + offs_n[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    ${EPILOGUE}
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 """
+    + tile_tail("    ")
 )
 
 GEMV_TEMPLATE = (
