@@ -52,6 +52,7 @@ __all__ = [
     "gemv_kernel",
     "monarch_linear",
     "monarch_linear_ref",
+    "stage1",
     "stage1_blocked_kernel",
     "stage1_kernel",
     "stage2_kernel",
@@ -322,8 +323,23 @@ def monarch_linear(x, L, R, out_features: int, bias=None, epilogue: str = "", au
             HAS_BIAS=bias is not None, BB=bb, BP=bp, wrap=wrap,
         )  # fmt: skip
         return out.view(out_shape)
-    g = torch.empty((m, b * kb), dtype=x.dtype, device=x.device)
-    flags = dot_flags(x.dtype)
+    g = stage1(x2, R, wrap=wrap)
+    stage2_kernel(ep).launch(
+        lambda meta: (b, -(-m // meta["BM"]), -(-s // meta["BS"])),
+        g, L, bias_arg, out, *auxs, m, out_features, s, kb, b, shape_class(m),
+        HAS_BIAS=bias is not None, wrap=wrap, **dot_flags(x.dtype),
+    )  # fmt: skip
+    return out.view(out_shape)
+
+
+def stage1(x2: torch.Tensor, R: torch.Tensor, *, wrap=None) -> torch.Tensor:
+    """The first stage on ``(m, in)`` rows: ``(m, b·k·b)``, each block's product stored permuted
+    (the blocked kernel for rank-1 factors with ≥ 16 blocks, else the per-block one). Split out
+    so that the benchmark can time the stages apart."""
+    m, n_in = x2.shape
+    b, kb, p = R.shape
+    g = torch.empty((m, b * kb), dtype=x2.dtype, device=x2.device)
+    flags = dot_flags(x2.dtype)
     if blocked(R):
         stage1_blocked_kernel().launch(
             lambda meta: (-(-m // meta["BM"]), -(-b // meta["BJ"]), -(-b // meta["BI"])),
@@ -334,9 +350,4 @@ def monarch_linear(x, L, R, out_features: int, bias=None, epilogue: str = "", au
             lambda meta: (b, -(-m // meta["BM"]), -(-kb // meta["BC"])),
             x2, R, g, m, n_in, p, kb, b, kb // b, x2.stride(0), shape_class(m), wrap=wrap, **flags,
         )  # fmt: skip
-    stage2_kernel(ep).launch(
-        lambda meta: (b, -(-m // meta["BM"]), -(-s // meta["BS"])),
-        g, L, bias_arg, out, *auxs, m, out_features, s, kb, b, shape_class(m),
-        HAS_BIAS=bias is not None, wrap=wrap, **flags,
-    )  # fmt: skip
-    return out.view(out_shape)
+    return g

@@ -49,3 +49,5 @@ def test_benchmark_sections_run_at_tiny_sizes(device, capsys, monkeypatch):
         assert heading in out
     assert "kernel + fused epilogues" in out and out.count("×") > 8
     assert "(2 slices)" in out  # the split-K first product timed beside cuBLAS
+    prefill = [line for line in out.splitlines() if line.startswith("| 17 × 64 |")]
+    assert len(prefill) == 1 and prefill[0].count("µs") == 5  # Monarch two-stage row: + stage 1 timed alone
