@@ -311,7 +311,13 @@ def ${KERNEL}("""
 #: - ``MAGIC``: codes to fp32 through :func:`_code_values` (two full-rate instructions) instead of
 #:   a conversion.
 #:
-#: The last seven are not yet measured on a GPU.
+#: - Larger tiles per iteration (the last three): bytes in flight. A 4096-row weight with BN = 8 is
+#:   512 programs, ~4 per SM on an H100, each with one 2 KB load of codes outstanding: ~8 KB in
+#:   flight per SM where ~18 KB (HBM3's ~3.3 TB/s × ~0.7 µs latency / 132 SMs) would be needed to
+#:   stream at full speed — consistent with the ~1.2 TB/s measured. 4–8 KB per iteration, 72–79
+#:   registers a thread and no spills (sm_90, ``kernels_aot.py``; 60 for the default).
+#:
+#: The first five were measured on the H100 (runs 4–5); the others not yet.
 GEMV_CONFIGS = (
     {"BN": 8, "BK": 512, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 1},
     {"BN": 4, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 1},
@@ -325,6 +331,9 @@ GEMV_CONFIGS = (
     {"BN": 4, "BK": 1024, "LS": 3, "PREFETCH": True, "ACC3": False, "MAGIC": True, "num_warps": 4, "num_stages": 3},
     {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": True, "ACC3": True, "MAGIC": True, "num_warps": 4, "num_stages": 3},
     {"BN": 16, "BK": 256, "LS": 3, "PREFETCH": True, "ACC3": True, "MAGIC": True, "num_warps": 4, "num_stages": 3},
+    {"BN": 8, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 1},
+    {"BN": 8, "BK": 2048, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 8, "num_stages": 1},
+    {"BN": 16, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": True, "num_warps": 8, "num_stages": 1},
 )
 
 #: GEMM tuning space: tensor-core tiles up to 128×128 (BK = 128 or 256, multiples of every group
