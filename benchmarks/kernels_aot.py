@@ -8,7 +8,7 @@ cubin with its bundled ``ptxas``; this catches what Triton's CPU interpreter can
     python benchmarks/kernels_aot.py --arch 80 --quick
     python benchmarks/kernels_aot.py --quick --sass "dequant gemv"   # + loop instruction counts (SASS)
 
-Prints one line per variant (shared memory bytes, registers when ptxas reports them) and a
+Prints one line per variant (shared memory bytes; with ``--sass``, registers and spills too) and a
 summary; exits non-zero if any variant fails to compile or needs more shared memory than the
 architecture has.
 """
@@ -133,6 +133,22 @@ _INSTR = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
 _BACK_BRANCH = re.compile(r"BRA `\((\.L_x_\d+)\)")
 
 
+def resources(cubin: bytes) -> str:
+    """Registers per thread and local (spilled) bytes, from the cubin (``cuobjdump``, bundled with
+    Triton): what bounds the programs resident per SM, without a GPU. Empty without the tool."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True, check=False).stdout
+    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", out)
+    return f", {m.group(1)} regs, {m.group(2)} B spilled" if m else ""
+
+
 def loop_stats(cubin: bytes) -> dict | None:
     """Instruction counts of the kernel's largest loop, from its SASS (``nvdisasm``, bundled with
     Triton): what one iteration costs per thread, without a GPU. None when there is no loop or no
@@ -189,15 +205,12 @@ def main(argv=None) -> int:
                 print(f"FAIL  {name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
                 continue
             shared = compiled.metadata.shared
-            regs = getattr(compiled, "n_regs", None)
             over = shared > limit
             if over:
                 failures.append(name)
             copies = compiled.asm["ptx"].count("cp.async.")  # loads pipelined through shared memory
-            print(
-                f"{'OVER' if over else 'ok  '}  {name}: shared {shared} B, {copies} async copies" + (f", {regs} regs" if regs else ""),
-                flush=True,
-            )
+            usage = resources(compiled.asm["cubin"]) if args.sass else ""
+            print(f"{'OVER' if over else 'ok  '}  {name}: shared {shared} B, {copies} async copies{usage}", flush=True)
             if args.sass and label.startswith(args.sass):
                 stats = loop_stats(compiled.asm["cubin"])
                 print("      loop: " + (", ".join(f"{k} {v}" for k, v in stats.items()) if stats else "none found"), flush=True)
