@@ -123,6 +123,8 @@ def variants(quick: bool):
                     monarch.STAGE2_CONFIGS if full else monarch.STAGE2_CONFIGS[:1]))  # fmt: skip
         out.append((f"monarch stage1 blocked {dt}", monarch.stage1_blocked_kernel(), {"default": TY[dt]}, flags,
                     monarch.STAGE1_BLOCKED_CONFIGS if full else monarch.STAGE1_BLOCKED_CONFIGS[:1]))  # fmt: skip
+        out.append((f"monarch fused prefill {dt}", monarch.fused_kernel(ep), {"default": TY[dt]}, {**flags, "HAS_BIAS": True},
+                    monarch.FUSED_CONFIGS if full else monarch.FUSED_CONFIGS[:1]))  # fmt: skip
         for bb, bp in ((64, 64), (64, 128), (4, 1024)) if full else ((64, 64),):
             out.append((f"monarch gemv {dt} b={bb} p={bp}", monarch.gemv_kernel(ep), {"default": TY[dt]},
                         {"HAS_BIAS": True, "BB": bb, "BP": bp}, monarch.GEMV_CONFIGS if full else monarch.GEMV_CONFIGS[:1]))  # fmt: skip

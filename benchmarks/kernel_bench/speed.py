@@ -160,8 +160,9 @@ def bench_monarch(device, dtype):
         "kernel eager (do_bench)",
         "stage 1 alone (two-stage rows)",
         "tuned stage 1 / stage 2",
+        "one-launch prefill (opt-in; tuned)",
     )
-    _print_row(*["---"] * 11)
+    _print_row(*["---"] * 12)
     for n, b in MONARCH_SHAPES:
         p = n // b
 
@@ -186,11 +187,14 @@ def bench_monarch(device, dtype):
             ours = _cold(functools.partial(make, fn=K.monarch_linear))
             ref = _cold(functools.partial(make, fn=K.monarch_linear_ref))
             eager = _bench(K.monarch_linear, torch.randn(m, n, device=device, dtype=dtype), *factors(), n)
-            first, tuned = "—", "—"
+            first, tuned, fused = "—", "—", "—"
             if m > K.GEMV_MAX_ROWS:  # where the time goes between the two stages (the rest is stage 2)
                 first = f"{_cold(functools.partial(make, fn=lambda x, L, R, n: K.stage1(x, R))) * 1e3:.1f} µs"
                 s1 = K.stage1_blocked_kernel() if K.blocked(factors()[1]) else K.stage1_kernel()
                 tuned = f"{_tuned_config(s1)} / {_tuned_config(K.stage2_kernel())}"
+                if K.blocked(factors()[1]):  # the one-launch prefill kernel, not yet the default
+                    one = _cold(functools.partial(make, fn=functools.partial(K.monarch_linear, fused=True)))
+                    fused = f"{one * 1e3:.1f} µs = {dense / one:.2f}× dense ({_tuned_config(K.fused_kernel())})"
             ratio = dense / ours
             _print_row(f"{m} × {n}", f"{b}, 1", f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{ratio:.2f}×", "≥ 3×",
-                       "yes" if ratio >= 3 else "no", f"{ref * 1e3:.1f} µs", f"{eager * 1e3:.1f} µs", first, tuned)  # fmt: skip
+                       "yes" if ratio >= 3 else "no", f"{ref * 1e3:.1f} µs", f"{eager * 1e3:.1f} µs", first, tuned, fused)  # fmt: skip

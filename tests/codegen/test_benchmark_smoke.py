@@ -27,7 +27,7 @@ def test_benchmark_sections_run_at_tiny_sizes(device, capsys, monkeypatch):
         "GEMV_SHAPES": [(24, 64)],
         "GEMV_FORMATS": ["int4g32", "int8"],
         "GEMM_SHAPES": [(20, 24, 64)],
-        "MONARCH_SHAPES": [(64, 8)],
+        "MONARCH_SHAPES": [(64, 8), (256, 16)],  # per-block stage 1; blocked (+ the one-launch prefill column)
         "MONARCH_ROWS": (1, 17),
     }
     for name, value in tiny.items():
@@ -51,3 +51,5 @@ def test_benchmark_sections_run_at_tiny_sizes(device, capsys, monkeypatch):
     assert "(2 slices)" in out  # the split-K first product timed beside cuBLAS
     prefill = [line for line in out.splitlines() if line.startswith("| 17 × 64 |")]
     assert len(prefill) == 1 and prefill[0].count("µs") == 5  # Monarch two-stage row: + stage 1 timed alone
+    blocked = [line for line in out.splitlines() if line.startswith("| 17 × 256 |")]
+    assert len(blocked) == 1 and blocked[0].count("µs") == 6  # + the one-launch prefill kernel
