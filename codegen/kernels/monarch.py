@@ -185,8 +185,30 @@ GEMV_CONFIGS = (
     {"BS": 32, "num_warps": 2, "num_stages": 1},
 )
 
+#: Stage 1 of rank-1 factors for a group of input blocks (the blocked and the fused kernels).
+GROUP_STAGE1_HELPER = """
+@triton.jit
+def _group_stage1(x_ptr, r_ptr, offs_m, offs_j, offs_i, m_mask, j_mask, i_mask, IN, P, NB, stride_xm,
+                  IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                  BM: tl.constexpr, BJ: tl.constexpr, BI: tl.constexpr, BP: tl.constexpr):
+    \"\"\"``h[j, n, i] = x_j[n]·R[j, i]`` (fp32, ``(BJ, BM, BI)``) for input blocks ``offs_j`` and outputs
+    ``offs_i`` of each: one batched (3-D) dot over j per ``BP`` input columns.\"\"\"
+    h = tl.zeros((BJ, BM, BI), dtype=tl.float32)
+    for p0 in range(0, P, BP):
+        offs_p = p0 + tl.arange(0, BP)
+        p_mask = offs_p < P
+        col = offs_j[:, None, None] * P + offs_p[None, None, :]
+        a = tl.load(x_ptr + offs_m[None, :, None] * stride_xm + col,
+                    mask=j_mask[:, None, None] & m_mask[None, :, None] & p_mask[None, None, :] & (col < IN), other=0.0)
+        r = tl.load(r_ptr + offs_j[:, None, None] * (NB * P) + offs_i[None, None, :] * P + offs_p[None, :, None],
+                    mask=j_mask[:, None, None] & i_mask[None, None, :] & p_mask[None, :, None], other=0.0)
+        h = _dot(a, r, h, IEEE, UPCAST)
+    return h
+"""
+
 STAGE1_BLOCKED_TEMPLATE = (
     DOT_HELPER
+    + GROUP_STAGE1_HELPER
     + """
 
 @triton.jit
@@ -203,16 +225,8 @@ def ${KERNEL}(
     i_mask = offs_i < NB
 
     # h[j, :, i] = x_j · R[j, i]ᵀ for BJ input blocks at once: a batched (3-D) dot over j
-    acc = tl.zeros((BJ, BM, BI), dtype=tl.float32)
-    for p0 in range(0, P, BP):
-        offs_p = p0 + tl.arange(0, BP)
-        p_mask = offs_p < P
-        col = offs_j[:, None, None] * P + offs_p[None, None, :]
-        a = tl.load(x_ptr + offs_m[None, :, None] * stride_xm + col,
-                    mask=j_mask[:, None, None] & m_mask[None, :, None] & p_mask[None, None, :] & (col < IN), other=0.0)
-        r = tl.load(r_ptr + offs_j[:, None, None] * (NB * P) + offs_i[None, None, :] * P + offs_p[None, :, None],
-                    mask=j_mask[:, None, None] & i_mask[None, None, :] & p_mask[None, :, None], other=0.0)
-        acc = _dot(a, r, acc, IEEE, UPCAST)
+    acc = _group_stage1(x_ptr, r_ptr, offs_m, offs_j, offs_i, m_mask, j_mask, i_mask, IN, P, NB, stride_xm,
+                        IEEE, UPCAST, BM, BJ, BI, BP)
 
     # g[n, i, j] = h[j, n, i]: BJ consecutive j per (n, i), so the store writes whole sectors
     g = tl.permute(acc, (1, 2, 0))
@@ -233,6 +247,7 @@ STAGE1_BLOCKED_CONFIGS = (
 
 FUSED_TEMPLATE = (
     DOT_HELPER
+    + GROUP_STAGE1_HELPER
     + """
 
 @triton.jit
@@ -256,16 +271,8 @@ def ${KERNEL}(
     for j0 in range(0, NB, BJ):
         offs_j = j0 + tl.arange(0, BJ)
         j_mask = offs_j < NB
-        h = tl.zeros((BJ, BM, BI), dtype=tl.float32)
-        for p0 in range(0, P, BP):
-            offs_p = p0 + tl.arange(0, BP)
-            p_mask = offs_p < P
-            col = offs_j[:, None, None] * P + offs_p[None, None, :]
-            a = tl.load(x_ptr + offs_m[None, :, None] * stride_xm + col,
-                        mask=j_mask[:, None, None] & m_mask[None, :, None] & p_mask[None, None, :] & (col < IN), other=0.0)
-            r = tl.load(r_ptr + offs_j[:, None, None] * (NB * P) + offs_i[None, None, :] * P + offs_p[None, :, None],
-                        mask=j_mask[:, None, None] & i_mask[None, None, :] & p_mask[None, :, None], other=0.0)
-            h = _dot(a, r, h, IEEE, UPCAST)
+        h = _group_stage1(x_ptr, r_ptr, offs_m, offs_j, offs_i, m_mask, j_mask, i_mask, IN, P, NB, stride_xm,
+                          IEEE, UPCAST, BM, BJ, BI, BP)
         g = tl.permute(h.to(x_ptr.dtype.element_ty), (2, 1, 0))  # (BI, BM, BJ)
         w = tl.load(l_ptr + offs_i[:, None, None] * (S * NB) + offs_a[None, None, :] * NB + offs_j[None, :, None],
                     mask=i_mask[:, None, None] & a_mask[None, None, :] & j_mask[None, :, None], other=0.0)
