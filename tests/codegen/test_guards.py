@@ -4,8 +4,9 @@ A compiled decode step runs its guards on the host before every call; Python-eva
 (``DUPLICATE_INPUT``: "this object is that object") cost microseconds each. Deriving the
 quantized format from ``type(config).__name__`` inside ``forward`` added one per quantized
 linear after the first (209 on SmolLM2's 210 linears) and, with the config fields, 20 guards per
-linear instead of 15; the CPU guard check of a 30-layer SmolLM2-shaped int4 model went from 445
-to 356 µs (dense: ~180 µs). These tests hold the per-module guard count where it is now.
+linear instead of 15; the CPU guard check of a 30-layer SmolLM2-structured int4 model went from
+429 to 336 µs (dense: 169 µs; ``benchmarks/guard_cost.py``). These tests hold the per-module guard
+count where it is now.
 """
 
 from __future__ import annotations
