@@ -24,7 +24,7 @@ import os
 
 import torch
 
-__all__ = ["force_kernels", "kernel_format", "lowrank_linear", "monarch_linear", "quant_linear", "use_kernels"]
+__all__ = ["force_kernels", "kernel_args", "lowrank_linear", "monarch_linear", "quant_linear", "use_kernels"]
 
 _TRITON = importlib.util.find_spec("triton") is not None
 _ENABLED = os.environ.get("DECOMP_KERNELS", "1") != "0"
@@ -88,27 +88,30 @@ def lowrank_linear(x, down, up, bias=None, epilogue: str = "", aux=()) -> torch.
 def quant_linear(x, packed, bias=None, down=None, up=None, epilogue: str = "", aux=()) -> torch.Tensor:
     """``decomp::quant_linear`` over a ``PackedWeight``'s buffers as stored (+ the optional low-rank term).
 
-    Reads the format from ``packed.kernel_format`` (worked out once, when the weight was packed):
-    under ``torch.compile`` every Python value read here becomes a guard checked on every call,
-    and deriving the format from the config per call cost 6 Python-evaluated guards per 7
-    linears (dynamo's aliasing checks on ``type(config)``), 2 ms a token on a 30-layer model."""
-    spec, names = packed.kernel_format
-    constants = [getattr(packed, n) for n in names]
+    Reads what the kernel takes besides tensors from ``packed.kernel_args`` (worked out once, when
+    the weight was packed) and the tensors from ``packed._buffers``: under ``torch.compile`` every
+    Python value read here becomes a guard checked on every call. Deriving the format from the
+    config per call cost a Python-evaluated guard per quantized linear (209 on SmolLM2) and 20
+    guards per linear instead of the 11 left (``tests/codegen/test_guards.py``)."""
+    spec, names, cols = packed.kernel_args
+    buffers = packed._buffers  # one dict lookup per tensor, not nn.Module.__getattr__'s three
+    codes, constants = buffers["codes"], [buffers[n] for n in names]
     if _direct(x):  # eager CUDA: the op's own body, without the dispatcher's per-call cost
         from codegen.kernels import dequant
 
         if dequant.supports(down):
-            return dequant.quant_linear(x, packed.codes, constants, spec, packed.shape[1], bias, down, up, epilogue, aux)
-    return _ops().quant_linear(x, packed.codes, constants, spec, packed.shape[1], bias, down, up, epilogue, list(aux))
+            return dequant.quant_linear(x, codes, constants, spec, cols, bias, down, up, epilogue, aux)
+    return _ops().quant_linear(x, codes, constants, spec, cols, bias, down, up, epilogue, list(aux))
 
 
-def kernel_format(config) -> tuple[str, tuple[str, ...]]:
-    """``(format string, constant buffer names in argument order)`` of ``decomp::quant_linear`` for
-    a ``passes.quant_storage`` config; raises ``KernelError`` for a config without a kernel."""
+def kernel_args(config, in_features: int) -> tuple[str, tuple[str, ...], int]:
+    """``(format string, constant buffer names in argument order, input columns)`` that
+    ``decomp::quant_linear`` takes for a ``passes.quant_storage`` config; raises ``KernelError`` for
+    a config without a kernel."""
     from codegen.kernels.dequant import QuantFormat
 
     fmt = QuantFormat.of(config)
-    return fmt.spec, fmt.constant_names()
+    return fmt.spec, fmt.constant_names(), in_features
 
 
 def monarch_linear(x, L, R, out_features: int, bias=None, epilogue: str = "", aux=()) -> torch.Tensor:

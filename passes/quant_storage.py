@@ -308,9 +308,9 @@ class PackedWeight(nn.Module):
         config: the storage format.
         shape: ``(out, in)`` of the original matrix.
         dtype: what lookups return: the original weight's dtype, following ``.to(dtype)``.
-        kernel_format: ``(format string, constant names)`` the ``decomp::quant_linear`` kernels
-            take (:func:`codegen.dispatch.kernel_format`), fixed at construction so that a
-            compiled model does not re-derive (and guard) it per call.
+        kernel_args: ``(format string, constant names, input columns)`` the
+            ``decomp::quant_linear`` kernels take (:func:`codegen.dispatch.kernel_args`), fixed at
+            construction so that a compiled model does not re-derive (and guard) them per call.
     """
 
     def __init__(self, config: QuantConfig, shape: tuple[int, int], dtype: torch.dtype, buffers: Buffers):
@@ -322,14 +322,14 @@ class PackedWeight(nn.Module):
         self.config = config
         self.shape = tuple(shape)
         self.dtype = dtype
-        self.kernel_format = dispatch.kernel_format(config)
+        self.kernel_args = dispatch.kernel_args(config, self.shape[1])
         for name, tensor in buffers.items():
             self.register_buffer(name, tensor)
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        if "kernel_format" not in self.__dict__:  # pickled before the attribute existed
-            self.kernel_format = dispatch.kernel_format(self.config)
+        if "kernel_args" not in self.__dict__:  # pickled before the attribute existed
+            self.kernel_args = dispatch.kernel_args(self.config, self.shape[1])
 
     def _apply(self, fn, recurse=True):
         # ``.half()``/``.to(bfloat16)`` would re-round the stored fp16/fp32 constants (and change

@@ -227,17 +227,17 @@ def test_packed_weight_checks_its_buffers():
         PackedWeight(IntNConfig(4, 64), (8, 64), torch.float32, {"codes": torch.zeros(8, 32, dtype=torch.uint8)})
 
 
-def test_packed_weight_carries_its_kernel_format_through_pickling():
+def test_packed_weight_carries_its_kernel_args_through_pickling():
     """The format the kernels take is fixed at packing (a compiled model reads it, not the config);
     a pickle from before the attribute existed gets it back on load."""
     import pickle
 
     config = IntNConfig(4, 32)
     pw = PackedWeight(config, (8, 64), torch.float32, config.encode(torch.randn(8, 64)))
-    assert pw.kernel_format == ("int4g32", ("scale", "minimum"))
+    assert pw.kernel_args == ("int4g32", ("scale", "minimum"), 64)
     old = pickle.loads(pickle.dumps(pw))
-    del old.__dict__["kernel_format"]
-    assert pickle.loads(pickle.dumps(old)).kernel_format == pw.kernel_format
+    del old.__dict__["kernel_args"]
+    assert pickle.loads(pickle.dumps(old)).kernel_args == pw.kernel_args
 
 
 # ---- error estimates ----------------------------------------------------------------------
