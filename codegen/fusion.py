@@ -216,14 +216,10 @@ def _module_call(gm: fx.GraphModule, node: fx.Node):
         return ops.lowrank_linear.default, (x, t("down"), t("up"), t("bias"), "", [])
     if kind == "MonarchLinear":
         return ops.monarch_linear.default, (x, t("L"), t("R"), module.out_features, t("bias"), "", [])
-    from codegen.kernels.dequant import QuantFormat
-
-    fmt = QuantFormat.of(module.packed.config)
-    constants = [t(f"packed.{n}") for n in fmt.constant_names()]
+    spec, names, cols = module.packed.kernel_args
+    constants = [t(f"packed.{n}") for n in names]
     low_rank = (t("down"), t("up")) if kind == "LQLinear" else (None, None)
-    return ops.quant_linear.default, (
-        x, t("packed.codes"), constants, fmt.spec, module.packed.shape[1], t("bias"), *low_rank, "", [],
-    )  # fmt: skip
+    return ops.quant_linear.default, (x, t("packed.codes"), constants, spec, cols, t("bias"), *low_rank, "", [])
 
 
 def lower_modules(gm: fx.GraphModule) -> int:
