@@ -72,10 +72,9 @@ def bench_lowrank(device, dtype):
         # the first product on its own (cuBLAS): what the T_GIVEN path pays before its launch
         first = _cold(functools.partial(make, fn=lambda x, down, up, bias: F.linear(x, down)))
         # ... and as the fused path computes it when t has too few tiles for the GPU (split-K)
-        split = K.down_splits(m, k, r, K._processors(torch.device(device)))
-        t_given = m >= K.T_GIVEN_ROWS or r * k >= K.T_GIVEN_DOWN
+        split = K.first_product_plan(m, k, r, torch.device(device))
         sliced = "—"
-        if t_given and split > 1:
+        if split > 1:
             ours_first = _cold(functools.partial(make, fn=lambda x, down, up, bias, s=split: K.down_product(x, down, s)))
             sliced = f"{ours_first * 1e3:.1f} µs ({split} slices)"
         target = 1.3 if (r <= k // 8 or r <= n // 8) and m >= 512 else None

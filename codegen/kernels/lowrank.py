@@ -47,6 +47,7 @@ __all__ = [
     "MAX_RANK",
     "down_product",
     "down_splits",
+    "first_product_plan",
     "kernel",
     "lowrank_linear",
     "lowrank_linear_ref",
@@ -201,6 +202,14 @@ def _processors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def first_product_plan(m: int, k: int, r: int, device: torch.device) -> int:
+    """How the fused path gets ``t = x·downᵀ`` for ``m`` rows: 0 = each program computes it (few
+    rows, small ``down``), 1 = one cuBLAS matmul, ``S > 1`` = :func:`down_product` in ``S`` slices."""
+    if m < T_GIVEN_ROWS and r * k < T_GIVEN_DOWN:
+        return 0
+    return down_splits(m, k, r, _processors(device))
+
+
 def down_product(x2: torch.Tensor, down: torch.Tensor, split: int, *, wrap=None) -> torch.Tensor:
     """``t = x2·downᵀ`` (``(m, r)`` in x2's dtype) in ``split`` K slices: two launches, fp32 partials."""
     m, k = x2.shape
@@ -277,13 +286,12 @@ def lowrank_linear(x, down, up, bias=None, epilogue: str = "", aux=(), *, wrap=N
         return out.view(out_shape)
     down = down if down.is_contiguous() else down.contiguous()
     up = up if up.is_contiguous() else up.contiguous()
-    t_given = m >= T_GIVEN_ROWS or down.numel() >= T_GIVEN_DOWN
-    if t_given:
-        split = down_splits(m, k, r, _processors(x.device))
-        if split > 1:  # too few tiles of t to fill the GPU: split K (see DOWN_TEMPLATE)
-            x2 = down_product(x2, down, split, wrap=None if eager else wrap)
-        else:
-            x2 = F.linear(x2, down)  # t, (m, r): one cuBLAS matmul instead of one per program
+    plan = first_product_plan(m, k, r, x.device)
+    t_given = plan > 0
+    if plan > 1:  # too few tiles of t to fill the GPU: split K (see DOWN_TEMPLATE)
+        x2 = down_product(x2, down, plan, wrap=None if eager else wrap)
+    elif plan == 1:
+        x2 = F.linear(x2, down)  # t, (m, r): one cuBLAS matmul instead of one per program
 
     def grid(meta):
         n_tiles = -(-n // meta["BN"])

@@ -75,7 +75,7 @@ def test_split_k_first_product_matches_one_matmul(device, close_to_truth, dtype,
 
 def test_few_tiles_of_t_split_k_inside_the_fused_path(device, close_to_truth):
     m, k = K.T_GIVEN_ROWS, 512
-    assert K.down_splits(m, k, 40, K._processors(torch.device(device))) > 1
+    assert K.first_product_plan(m, k, 40, torch.device(device)) > 1
     x, down, up, bias = _factors(m, k, 40, 24, torch.float16, device, seed=5)
     aux = [torch.randn(m, 24).to(device=device, dtype=torch.float16)]
     out = K.lowrank_linear(x, down, up, bias, "gelu,add", aux)
