@@ -135,19 +135,23 @@ _INSTR = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
 _BACK_BRANCH = re.compile(r"BRA `\((\.L_x_\d+)\)")
 
 
-def resources(cubin: bytes) -> str:
-    """Registers per thread and local (spilled) bytes, from the cubin (``cuobjdump``, bundled with
-    Triton): what bounds the programs resident per SM, without a GPU. Empty without the tool."""
+def _cubin_tool(tool: str, flag: str, cubin: bytes) -> str | None:
+    """stdout of one of Triton's bundled CUDA binary tools run on ``cubin``; None without the tool."""
     import triton
 
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not tool.exists():
-        return ""
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool
+    if not path.exists():
+        return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True, check=False).stdout
-    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", out)
+        return subprocess.run([str(path), flag, f.name], capture_output=True, text=True, check=False).stdout
+
+
+def resources(cubin: bytes) -> str:
+    """Registers per thread and local (spilled) bytes, from the cubin (``cuobjdump``, bundled with
+    Triton): what bounds the programs resident per SM, without a GPU. Empty without the tool."""
+    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", _cubin_tool("cuobjdump", "--dump-resource-usage", cubin) or "")
     return f", {m.group(1)} regs, {m.group(2)} B spilled" if m else ""
 
 
@@ -155,15 +159,9 @@ def loop_stats(cubin: bytes) -> dict | None:
     """Instruction counts of the kernel's largest loop, from its SASS (``nvdisasm``, bundled with
     Triton): what one iteration costs per thread, without a GPU. None when there is no loop or no
     disassembler."""
-    import triton
-
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    if not tool.exists():
+    sass = _cubin_tool("nvdisasm", "-c", cubin)
+    if sass is None:
         return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        sass = subprocess.run([str(tool), "-c", f.name], capture_output=True, text=True, check=False).stdout
     lines = [ln for ln in sass.splitlines() if _INSTR.match(ln) or ln.strip().startswith(".L_x")]
     body = None
     for j, line in enumerate(lines):
