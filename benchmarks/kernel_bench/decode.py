@@ -146,7 +146,8 @@ def _e2e_models(device, layers: int | None = None):
 
 def _decode_timer(model, compile_kwargs, prompt: int, steps: int, device):
     """Seconds per decode token: a static KV cache (fixed shapes: one graph, CUDA-graph friendly),
-    a ``prompt``-token prefill, then ``steps`` one-token forwards; returns (s/token, first-call s, tokens)."""
+    a ``prompt``-token prefill, then ``steps`` one-token forwards; returns (s/token, first-call s,
+    tokens, a one-step profile line with the host time and what the compiler logged)."""
     from torch._dynamo.utils import counters
     from transformers import StaticCache
 

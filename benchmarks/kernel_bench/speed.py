@@ -170,6 +170,7 @@ def bench_monarch(device, dtype):
                 b, b, p, device=device, dtype=dtype
             ) / p**0.5
 
+        blocked = K.blocked(factors()[1])  # which stage 1 (and whether the one-launch prefill) applies
         for m in MONARCH_ROWS:
             if _late("Monarch"):
                 return
@@ -189,9 +190,9 @@ def bench_monarch(device, dtype):
             first, tuned, fused = "—", "—", "—"
             if m > K.GEMV_MAX_ROWS:  # where the time goes between the two stages (the rest is stage 2)
                 first = f"{_cold(functools.partial(make, fn=lambda x, L, R, n: K.stage1(x, R))) * 1e3:.1f} µs"
-                s1 = K.stage1_blocked_kernel() if K.blocked(factors()[1]) else K.stage1_kernel()
+                s1 = K.stage1_blocked_kernel() if blocked else K.stage1_kernel()
                 tuned = f"{_tuned_config(s1)} / {_tuned_config(K.stage2_kernel())}"
-                if K.blocked(factors()[1]):  # the one-launch prefill kernel, not yet the default
+                if blocked:  # the one-launch prefill kernel, not yet the default
                     one = _cold(functools.partial(make, fn=functools.partial(K.monarch_linear, fused=True)))
                     fused = f"{one * 1e3:.1f} µs = {dense / one:.2f}× dense ({_tuned_config(K.fused_kernel())})"
             ratio = dense / ours
