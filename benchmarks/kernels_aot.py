@@ -114,6 +114,17 @@ def variants(quick: bool):
                     ("gemm", dequant.gemm_kernel(ep if has_lr else Epilogue()), dequant.GEMM_CONFIGS),
                 ):
                     out.append((f"dequant {label} {fmt} {dt} lr={has_lr}", kern, pointers, consts, configs if full else configs[:1]))
+            if fmt in ("int8", "int4g32", "nf4g64dq"):  # the grouped GEMV: q/k/v outputs, the SwiGLU pair
+                group_pointers = {"default": TY[dt]}
+                for w in range(3):
+                    group_pointers |= {f"{s}{w}_ptr": pointers[f"c{i}_ptr"] for i, s in enumerate("abcd")}
+                    group_pointers[f"w{w}_ptr"] = code_ty
+                group_consts = {k: consts[k] for k in ("KIND", "BITS", "GROUP", "DQ")} | {"HAS_BIAS": False}
+                full = dt == "fp16" and not quick
+                for w, pair in ((3, False), (2, True)):
+                    out.append((f"dequant gemv group {'pair' if pair else 'w3'} {fmt} {dt}", dequant.gemv_group_kernel(),
+                                group_pointers, group_consts | {"W": w, "PAIR": pair},
+                                dequant.GEMV_CONFIGS if full else dequant.GEMV_CONFIGS[:1]))  # fmt: skip
     for dt in ("fp16", "bf16", "fp32") if not quick else ("fp16",):
         full = dt == "fp16" and not quick
         flags = {"IEEE": dt == "fp32", "UPCAST": False}

@@ -24,7 +24,15 @@ import os
 
 import torch
 
-__all__ = ["force_kernels", "kernel_args", "lowrank_linear", "monarch_linear", "quant_linear", "use_kernels"]
+__all__ = [
+    "force_kernels",
+    "kernel_args",
+    "lowrank_linear",
+    "monarch_linear",
+    "quant_linear",
+    "quant_linear_group",
+    "use_kernels",
+]
 
 _TRITON = importlib.util.find_spec("triton") is not None
 _ENABLED = os.environ.get("DECOMP_KERNELS", "1") != "0"
@@ -102,6 +110,26 @@ def quant_linear(x, packed, bias=None, down=None, up=None, epilogue: str = "", a
         if dequant.supports(down):
             return dequant.quant_linear(x, codes, constants, spec, cols, bias, down, up, epilogue, aux)
     return _ops().quant_linear(x, codes, constants, spec, cols, bias, down, up, epilogue, list(aux))
+
+
+def quant_linear_group(x, packed, pair: bool = False, epilogue: str = "", aux=()) -> list[torch.Tensor]:
+    """``decomp::quant_linear_group`` over two or three ``PackedWeight``s of one format and input
+    size: ``[epilogue(silu(x·W₀ᵀ)·(x·W₁ᵀ))]`` (``pair``) or ``[x·Wᵢᵀ for each]``, one launch at
+    decode sizes (``codegen.fusion`` emits it for sibling linears in compiled graphs)."""
+    from codegen.kernels.common import KernelError
+
+    args = {p.kernel_args for p in packed}
+    if len(args) != 1:
+        raise KernelError(f"a group's weights must share one format and input size, got {sorted(a[0] for a in args)}")
+    spec, names, cols = packed[0].kernel_args
+    codes = [p._buffers["codes"] for p in packed]
+    constants = [[p._buffers[n] for n in names] for p in packed]
+    if _direct(x):
+        from codegen.kernels import dequant
+
+        return dequant.quant_linear_group(x, codes, constants, spec, cols, pair, epilogue, aux)
+    flat = [c for per in constants for c in per]
+    return _ops().quant_linear_group(x, codes, flat, spec, cols, pair, epilogue, list(aux))
 
 
 def kernel_args(config, in_features: int) -> tuple[str, tuple[str, ...], int]:

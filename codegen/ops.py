@@ -11,6 +11,7 @@ implementations come from the bodies themselves (``triton_op`` traces them with 
 |---|---|---|
 | ``decomp::lowrank_linear(x, down, up, bias, epilogue, aux)`` | ``ep((x·downᵀ)·upᵀ + b)`` | ``LowRankLinear`` |
 | ``decomp::quant_linear(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux)`` | ``ep(x·deq(W)ᵀ [+ (x·downᵀ)·upᵀ] + b)`` | ``QuantizedLinear``, ``LQLinear`` |
+| ``decomp::quant_linear_group(x, codes[], constants[], fmt, cols, pair, epilogue, aux)`` | ``[ep(silu(x·W₀ᵀ)·(x·W₁ᵀ))]`` or ``[x·W₀ᵀ, x·W₁ᵀ, …]`` | sibling ``QuantizedLinear``s (``codegen.fusion``) |
 | ``decomp::monarch_linear(x, L, R, out_features, bias, epilogue, aux)`` | ``ep(monarch(x) + b)`` | ``MonarchLinear`` |
 
 ``epilogue`` is a :class:`codegen.template.Epilogue` spec (``""``, ``"silu,mul"``, ...); ``aux``
@@ -30,7 +31,7 @@ from codegen.kernels import dequant as _dequant
 from codegen.kernels import lowrank as _lowrank
 from codegen.kernels import monarch as _monarch
 
-__all__ = ["OPS", "interpreter_active", "lowrank_linear", "monarch_linear", "quant_linear"]
+__all__ = ["OPS", "interpreter_active", "lowrank_linear", "monarch_linear", "quant_linear", "quant_linear_group"]
 
 
 def interpreter_active() -> bool:
@@ -119,6 +120,44 @@ def quant_linear(
     return torch.ops.decomp.quant_linear_host(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux)
 
 
+def _per_weight(constants: list[Tensor], fmt: str, n: int) -> list[list[Tensor]]:
+    """The flat constants list of a group op as one list per weight (the schema has no nested lists)."""
+    k = len(_dequant.QuantFormat.parse(fmt).constant_names())
+    if len(constants) != k * n:
+        raise _dequant.KernelError(
+            f"{fmt} stores {k} constant buffer(s) per weight: {k * n} for {n} weights, got {len(constants)}"
+        )
+    return [constants[i * k : (i + 1) * k] for i in range(n)]
+
+
+@torch.library.custom_op("decomp::quant_linear_group_host", mutates_args=())
+def _group_host(
+    x: Tensor, codes: list[Tensor], constants: list[Tensor], fmt: str, cols: int, pair: bool, epilogue: str, aux: list[Tensor]
+) -> list[Tensor]:
+    per = _per_weight(constants, fmt, len(codes))
+    if interpreter_active():
+        return _dequant.quant_linear_group(x, codes, per, fmt, cols, pair, epilogue, aux)
+    return _dequant.quant_linear_group_ref(x, codes, per, fmt, cols, pair, epilogue, aux)
+
+
+@_group_host.register_fake
+def _(x, codes, constants, fmt, cols, pair, epilogue, aux):
+    return [x.new_empty((*x.shape[:-1], c.shape[0])) for c in (codes[:1] if pair else codes)]
+
+
+@triton_op("decomp::quant_linear_group", mutates_args=())
+def quant_linear_group(
+    x: Tensor, codes: list[Tensor], constants: list[Tensor], fmt: str, cols: int, pair: bool, epilogue: str, aux: list[Tensor]
+) -> list[Tensor]:
+    """Two or three quantized linears on one input in one launch: ``[epilogue(silu(x·W₀ᵀ)·(x·W₁ᵀ))]``
+    (``pair``) or ``[x·W₀ᵀ, x·W₁ᵀ, …]``; ``constants`` is every weight's constant buffers, one
+    weight after the other. See :func:`codegen.kernels.dequant.quant_linear_group`."""
+    if _on_gpu(x):
+        per = _per_weight(constants, fmt, len(codes))
+        return _dequant.quant_linear_group(x, codes, per, fmt, cols, pair, epilogue, aux, wrap=wrap_triton)
+    return torch.ops.decomp.quant_linear_group_host(x, codes, constants, fmt, cols, pair, epilogue, aux)
+
+
 # ---- Monarch --------------------------------------------------------------------------------
 
 #: Rows from which the Monarch op runs batched matmuls instead of the kernel on CUDA, for factors
@@ -161,4 +200,9 @@ def monarch_linear(
 
 
 #: The operators the fusion pass emits (and an exporter would need translations for).
-OPS = (torch.ops.decomp.lowrank_linear.default, torch.ops.decomp.quant_linear.default, torch.ops.decomp.monarch_linear.default)
+OPS = (
+    torch.ops.decomp.lowrank_linear.default,
+    torch.ops.decomp.quant_linear.default,
+    torch.ops.decomp.quant_linear_group.default,
+    torch.ops.decomp.monarch_linear.default,
+)

@@ -54,7 +54,15 @@ from codegen.kernels.common import (
     rows_of,
     unused_pointer,
 )
-from codegen.kernels.dequant_source import CONSTANT_BLOCK, GEMM_CONFIGS, GEMM_TEMPLATE, GEMV_CONFIGS, GEMV_TEMPLATE, NF4_VALUES
+from codegen.kernels.dequant_source import (
+    CONSTANT_BLOCK,
+    GEMM_CONFIGS,
+    GEMM_TEMPLATE,
+    GEMV_CONFIGS,
+    GEMV_GROUP_TEMPLATE,
+    GEMV_TEMPLATE,
+    NF4_VALUES,
+)
 from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
 
 __all__ = [
@@ -67,8 +75,11 @@ __all__ = [
     "QuantFormat",
     "dequantize_ref",
     "gemm_kernel",
+    "gemv_group_kernel",
     "gemv_kernel",
     "quant_linear",
+    "quant_linear_group",
+    "quant_linear_group_ref",
     "quant_linear_ref",
     "supports",
 ]
@@ -166,6 +177,13 @@ def gemv_kernel(epilogue: Epilogue = NO_EPILOGUE):
     return build(GEMV_TEMPLATE, "_dequant_gemv_kernel", epilogue, GEMV_CONFIGS, _KEY, __name__)
 
 
+def gemv_group_kernel(epilogue: Epilogue = NO_EPILOGUE):
+    """The built grouped GEMV kernel (two or three weights on one input; cached)."""
+    return build(
+        GEMV_GROUP_TEMPLATE, "_dequant_gemv_group_kernel", epilogue, GEMV_CONFIGS, ("M_CLASS", "N0", "N1", "K"), __name__
+    )
+
+
 def gemm_kernel(epilogue: Epilogue = NO_EPILOGUE):
     """The built GEMM kernel for ``epilogue`` (cached)."""
     return build(GEMM_TEMPLATE, "_dequant_gemm_kernel", epilogue, GEMM_CONFIGS, _KEY, __name__)
@@ -198,6 +216,17 @@ def quant_linear_ref(
     if down is not None:
         y = y + F.linear(F.linear(x, down), up)
     return Epilogue.parse(epilogue).apply_ref(y.float(), aux).to(x.dtype)
+
+
+def quant_linear_group_ref(
+    x, codes, constants, fmt: str, cols: int, pair: bool, epilogue: str = "", aux=()
+) -> list[torch.Tensor]:
+    """The semantics of :func:`quant_linear_group`: ``[ep(silu(x·W₀ᵀ)·(x·W₁ᵀ))]`` (``pair``; the
+    products rounded to x's dtype, as separate linears are) or ``[x·Wᵢᵀ for each weight]``."""
+    if not pair:
+        return [quant_linear_ref(x, c, k, fmt, cols) for c, k in zip(codes, constants)]
+    gate, up = (quant_linear_ref(x, c, k, fmt, cols).float() for c, k in zip(codes, constants))
+    return [Epilogue.parse(epilogue).apply_ref(F.silu(gate) * up, aux).to(x.dtype)]
 
 
 # ---- launch --------------------------------------------------------------------------------
@@ -266,10 +295,7 @@ def quant_linear(
     if m == 0:
         return out.view(out_shape)
     t = F.linear(x2, down).contiguous() if down is not None else unused_pointer(x, eager)
-    consts = [c if c.is_contiguous() else c.contiguous() for c in constants]
-    # kernel slots: (values or codes, blocks) per constant; unused slots get any valid pointer
-    c = consts if f.dq else [p for v in consts for p in (v, unused_pointer(x, eager))]
-    c = c + [unused_pointer(x, eager) for _ in range(4 - len(c))]
+    c = _constant_slots(f, constants, x, eager)
     row_bytes = codes.shape[1]
     args = (
         x2, codes if codes.is_contiguous() else codes.contiguous(), *c, bias if bias is not None else unused_pointer(x, eager), t,
@@ -291,14 +317,84 @@ def quant_linear(
     return out.view(out_shape)
 
 
+def quant_linear_group(
+    x, codes, constants, fmt: str, cols: int, pair: bool, epilogue: str = "", aux=(), *, wrap=None
+) -> list[torch.Tensor]:
+    """Two or three quantized linears of one format on the same input, as one GEMV launch.
+
+    ``pair`` (two weights of the same shape, SwiGLU's gate and up): ``[ep(silu(x·W₀ᵀ)·(x·W₁ᵀ))]``,
+    up's output never stored. Otherwise ``[x·W₀ᵀ, x·W₁ᵀ(, x·W₂ᵀ)]`` (decode's q/k/v projections),
+    each output its own contiguous tensor, as the separate linears would return it. Beyond
+    :data:`GEMV_MAX_M` rows (prefill) the weights run as separate GEMM launches with the same
+    results (the pair as up, then gate with the SwiGLU epilogue).
+
+    Args:
+        x: ``(..., cols)`` activations.
+        codes, constants: per weight, the ``PackedWeight`` buffers (as :func:`quant_linear` takes them).
+        fmt, cols: the format all weights share and their (unpadded) input size.
+        pair: SwiGLU pair instead of separate outputs.
+        epilogue, aux: the pair's epilogue after the product (the separate outputs take none).
+        wrap: ``torch.library.wrap_triton`` inside a ``triton_op``.
+    """
+    f = QuantFormat.parse(fmt)
+    codes, constants = list(codes), [list(c) for c in constants]
+    if len(codes) not in (2, 3) or len(constants) != len(codes):
+        raise KernelError(f"a group is 2 or 3 weights with a constants list each, got {len(codes)} and {len(constants)}")
+    groups = {_check_buffers(f, c, k, cols) for c, k in zip(codes, constants)}
+    sizes = [c.shape[0] for c in codes]
+    if len({c.shape[1] for c in codes}) != 1 or len(groups) != 1:
+        raise KernelError(f"the weights of a group must store the same row layout ({fmt}, {cols} columns)")
+    if pair and (len(codes) != 2 or sizes[0] != sizes[1]):
+        raise KernelError(f"a SwiGLU pair is two weights with the same number of rows, got rows {sizes}")
+    ep = parse_epilogue(epilogue)
+    if ep.steps and not pair:
+        raise KernelError("only a SwiGLU pair takes an epilogue; fuse the separate outputs' tails one by one")
+    check_float("x", x)
+    x2 = rows_of(x, cols)
+    m = x2.shape[0]
+    if m > GEMV_MAX_M:  # prefill: separate GEMMs, same results
+        if pair:
+            up = quant_linear(x, codes[1], constants[1], fmt, cols, wrap=wrap)
+            steps = ",".join(("silu", "mul", *ep.steps))
+            return [quant_linear(x, codes[0], constants[0], fmt, cols, epilogue=steps, aux=[up, *aux], wrap=wrap)]
+        return [quant_linear(x, c, k, fmt, cols, wrap=wrap) for c, k in zip(codes, constants)]
+    eager = type(x) is torch.Tensor
+    outs = [torch.empty((m, s), dtype=x.dtype, device=x.device) for s in sizes[: 1 if pair else 3]]
+    auxs = aux_rows(aux, ep, (*x.shape[:-1], sizes[0]), x.device, m, sizes[0])
+    if m > 0:
+        weights = []
+        for c, k in zip(codes, constants):
+            weights += [c if c.is_contiguous() else c.contiguous(), *_constant_slots(f, k, x, eager)]
+        weights += [unused_pointer(x, eager) for _ in range(15 - len(weights))]
+        out_slots = outs + [unused_pointer(x, eager) for _ in range(3 - len(outs))]
+        args = (x2, *weights, unused_pointer(x, eager), *out_slots, *auxs, m, *sizes, *[0] * (3 - len(sizes)), cols,
+                codes[0].shape[1], groups.pop(), x2.stride(0), shape_class(m))  # fmt: skip
+        meta = {"KIND": f.kind, "BITS": f.bits, "GROUP": max(f.group, 1), "DQ": f.dq, "HAS_BIAS": False, "W": len(codes),
+                "PAIR": pair}  # fmt: skip
+        blocks = sizes[:1] if pair else sizes
+        grid = lambda meta: (sum(-(-s // meta["BN"]) for s in blocks), m)
+        _kernel("group", ep).launch(grid, *args, wrap=None if eager else wrap, **meta)
+    return [o.view(*x.shape[:-1], o.shape[1]) for o in outs]
+
+
+def _constant_slots(f: QuantFormat, constants, like, eager: bool) -> list:
+    """The four constant pointer slots of a kernel argument list: (values or codes, blocks) per
+    constant; the slots a format does not use get any valid pointer."""
+    consts = [c if c.is_contiguous() else c.contiguous() for c in constants]
+    slots = consts if f.dq else [p for v in consts for p in (v, unused_pointer(like, eager))]
+    return slots + [unused_pointer(like, eager) for _ in range(4 - len(slots))]
+
+
 _KERNELS: dict[tuple, object] = {}
+_BUILDERS = {True: gemv_kernel, False: gemm_kernel, "group": gemv_group_kernel}
 
 
-def _kernel(gemv: bool, ep: Epilogue):
-    """The built kernel, cached per (path, epilogue, tuning switch): no rebuild lookups per launch."""
-    key = (gemv, ep, os.environ.get("DECOMP_AUTOTUNE", "1"))
+def _kernel(path, ep: Epilogue):
+    """The built kernel, cached per (path — True GEMV, False GEMM, "group" —, epilogue, tuning
+    switch): no rebuild lookups per launch."""
+    key = (path, ep, os.environ.get("DECOMP_AUTOTUNE", "1"))
     k = _KERNELS.get(key)
     if k is None:
-        k = (gemv_kernel if gemv else gemm_kernel)(ep)
+        k = _BUILDERS[path](ep)
         _KERNELS[key] = k
     return k

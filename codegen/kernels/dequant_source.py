@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from codegen.kernels.common import DOT_HELPER, ROW_TAIL, tile_tail
 
-__all__ = ["CONSTANT_BLOCK", "GEMM_CONFIGS", "GEMM_TEMPLATE", "GEMV_CONFIGS", "GEMV_TEMPLATE", "NF4_VALUES"]
+__all__ = [
+    "CONSTANT_BLOCK",
+    "GEMM_CONFIGS",
+    "GEMM_TEMPLATE",
+    "GEMV_CONFIGS",
+    "GEMV_GROUP_TEMPLATE",
+    "GEMV_TEMPLATE",
+    "NF4_VALUES",
+]
 
 CONSTANT_BLOCK = 256  # passes.quant_formats.CONSTANT_BLOCK (checked in the tests)
 
@@ -163,30 +171,14 @@ def _packed_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0, 
     else:
         w = _nf4_values(q, DT) * s.to(DT)[:, :, None]
     return tl.reshape(w, (BN, BK))
-'''
-)
 
-_PARAMS = """
-    x_ptr, codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, bias_ptr, t_ptr, up_ptr, out_ptr, ${AUX_PARAMS}
-    M, N, K, R, row_bytes, n_groups, stride_xm, M_CLASS,
-    KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,"""
-
-GEMV_TEMPLATE = (
-    _HELPERS
-    + """
 
 @triton.jit
-def ${KERNEL}("""
-    + _PARAMS
-    + """
-    BN: tl.constexpr, BK: tl.constexpr, LS: tl.constexpr, PREFETCH: tl.constexpr, ACC3: tl.constexpr, MAGIC: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    m = tl.program_id(1)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    n_mask = offs_n < N
-
+def _gemv_rows(x_ptr, codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, m, K, row_bytes, n_groups, stride_xm,
+               KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr, BN: tl.constexpr,
+               BK: tl.constexpr, LS: tl.constexpr, PREFETCH: tl.constexpr, ACC3: tl.constexpr, MAGIC: tl.constexpr):
+    """``x[m]·Wᵀ`` over the output rows ``offs_n`` (masked by ``n_mask``) as an fp32 ``(BN,)`` vector:
+    the GEMV's main loop, shared by the one-weight kernel and the grouped one (inlined by Triton)."""
     # Per (row, group) partial sums Σ q·x, scaled once per group: y = Σ_g s_g·Σ q·x + min_g·Σ x
     # (NF4: absmax_g·Σ codebook[q]·x; int8: one scale per row at the end), a (BN, BK/GROUP) fp32
     # tile; or (ACC3) the decoded w·x per code, reduced after the loop.
@@ -242,6 +234,33 @@ def ${KERNEL}("""
         acc = tl.sum(part, axis=1)
     if KIND == 2:
         acc = acc * tl.load(c0_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    return acc
+'''
+)
+
+_PARAMS = """
+    x_ptr, codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, bias_ptr, t_ptr, up_ptr, out_ptr, ${AUX_PARAMS}
+    M, N, K, R, row_bytes, n_groups, stride_xm, M_CLASS,
+    KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,"""
+
+GEMV_TEMPLATE = (
+    _HELPERS
+    + """
+
+@triton.jit
+def ${KERNEL}("""
+    + _PARAMS
+    + """
+    BN: tl.constexpr, BK: tl.constexpr, LS: tl.constexpr, PREFETCH: tl.constexpr, ACC3: tl.constexpr, MAGIC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_mask = offs_n < N
+
+    acc = _gemv_rows(x_ptr, codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, m, K, row_bytes, n_groups, stride_xm,
+                     KIND, BITS, GROUP, DQ, BN, BK, LS, PREFETCH, ACC3, MAGIC)
 
     # low-rank term t·upᵀ (t = x·downᵀ computed before the launch)
     if HAS_LR:
@@ -249,6 +268,54 @@ def ${KERNEL}("""
         tr = tl.load(t_ptr + m * R + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
         u = tl.load(up_ptr + offs_n[:, None] * R + offs_r[None, :], mask=n_mask[:, None] & (offs_r < R)[None, :], other=0.0)
         acc += tl.sum(u.to(tl.float32) * tr[None, :], axis=1)
+"""
+    + ROW_TAIL
+)
+
+#: Two or three weights of one format on the same input, one launch (decode's q/k/v projections;
+#: SwiGLU's gate and up). ``PAIR``: a program computes the same ``BN`` rows of W0 (gate) and W1
+#: (up) and stores ``silu(x·W0ᵀ)·(x·W1ᵀ)`` (up's output never goes to memory); otherwise the
+#: program's row block picks its weight (blocks ``0 … cdiv(N0, BN)`` of W0, then W1's, then W2's)
+#: and stores into that weight's own output (``out0 … out2``, each contiguous as a lone linear's).
+GEMV_GROUP_TEMPLATE = (
+    _HELPERS
+    + """
+
+@triton.jit
+def ${KERNEL}(
+    x_ptr, w0_ptr, a0_ptr, b0_ptr, c0_ptr, d0_ptr, w1_ptr, a1_ptr, b1_ptr, c1_ptr, d1_ptr,
+    w2_ptr, a2_ptr, b2_ptr, c2_ptr, d2_ptr, bias_ptr, out0_ptr, out1_ptr, out2_ptr, ${AUX_PARAMS}
+    M, N0, N1, N2, K, row_bytes, n_groups, stride_xm, M_CLASS,
+    KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr, HAS_BIAS: tl.constexpr,
+    W: tl.constexpr, PAIR: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, LS: tl.constexpr, PREFETCH: tl.constexpr, ACC3: tl.constexpr, MAGIC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    m = tl.program_id(1)
+    offs_n = pid * BN + tl.arange(0, BN)
+    out_ptr, N = out0_ptr, N0
+    if PAIR:
+        n_mask = offs_n < N
+        gate = _gemv_rows(x_ptr, w0_ptr, a0_ptr, b0_ptr, c0_ptr, d0_ptr, offs_n, n_mask, m, K, row_bytes, n_groups,
+                          stride_xm, KIND, BITS, GROUP, DQ, BN, BK, LS, PREFETCH, ACC3, MAGIC)
+        up = _gemv_rows(x_ptr, w1_ptr, a1_ptr, b1_ptr, c1_ptr, d1_ptr, offs_n, n_mask, m, K, row_bytes, n_groups,
+                        stride_xm, KIND, BITS, GROUP, DQ, BN, BK, LS, PREFETCH, ACC3, MAGIC)
+        acc = gate * tl.sigmoid(gate) * up
+    else:
+        # this program's weight, output and rows
+        nb0 = tl.cdiv(N0, BN)
+        nb1 = tl.cdiv(N1, BN)
+        w_ptr, a_ptr, b_ptr, c_ptr, d_ptr = w0_ptr, a0_ptr, b0_ptr, c0_ptr, d0_ptr
+        if pid >= nb0:
+            w_ptr, a_ptr, b_ptr, c_ptr, d_ptr = w1_ptr, a1_ptr, b1_ptr, c1_ptr, d1_ptr
+            out_ptr, N, offs_n = out1_ptr, N1, offs_n - nb0 * BN
+            if W == 3:
+                if pid >= nb0 + nb1:
+                    w_ptr, a_ptr, b_ptr, c_ptr, d_ptr = w2_ptr, a2_ptr, b2_ptr, c2_ptr, d2_ptr
+                    out_ptr, N, offs_n = out2_ptr, N2, offs_n - nb1 * BN
+        n_mask = offs_n < N
+        acc = _gemv_rows(x_ptr, w_ptr, a_ptr, b_ptr, c_ptr, d_ptr, offs_n, n_mask, m, K, row_bytes, n_groups,
+                         stride_xm, KIND, BITS, GROUP, DQ, BN, BK, LS, PREFETCH, ACC3, MAGIC)
 """
     + ROW_TAIL
 )
