@@ -3,7 +3,8 @@
 ```python
 from codegen import dispatch, fusion
 dispatch.use_kernels(x)            # what the rewritten modules ask before calling a kernel
-fusion.fuse_epilogues(gm)          # linear → bias → SiLU/GELU → ·gate → +residual, as one kernel
+fusion.fuse_epilogues(gm)          # linear → bias → SiLU/GELU → ·gate → +residual, as one kernel;
+                                   # then decode-size sibling int linears (q/k/v, gate·up) as one launch
 ```
 
 - ``codegen.kernels``: one file per kernel (low-rank, dequant GEMV/GEMM, Monarch), each with
@@ -13,7 +14,8 @@ fusion.fuse_epilogues(gm)          # linear → bias → SiLU/GELU → ·gate �
 - ``codegen.ops``: the ``decomp::*`` operators (``torch.library.triton_op``), CUDA → kernel,
   CPU → interpreter (``TRITON_INTERPRET=1``) or reference.
 - ``codegen.dispatch``: when modules use the operators (light; ``passes`` imports it).
-- ``codegen.fusion``: the FX pass matching rewritten linears and their elementwise tails.
+- ``codegen.fusion``: the FX pass matching rewritten linears and their elementwise tails, and
+  grouping sibling quantized linears (``decomp::quant_linear_group``).
 
 Importing ``codegen`` (or ``dispatch``/``fusion``) imports neither triton nor the operators.
 """

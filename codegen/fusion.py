@@ -18,6 +18,12 @@ Each step fused is one elementwise kernel fewer and one ``M × N`` intermediate 
 written to nor read back from global memory (:class:`Fused` counts them). The kernels are then
 generated from the templates with that epilogue (``codegen.template``).
 
+Then, at decode sizes (at most ``GEMV_MAX_M`` rows), sibling quantized linears — same input
+node, same format and input size, no bias or low-rank term — become one
+``decomp::quant_linear_group`` launch (:class:`Grouped`): a SwiGLU pair (``gate`` fused with
+``silu,mul`` of an ``up`` used nowhere else) computes ``silu(gate)·up`` in one kernel, up's output
+never stored; other siblings (q/k/v) two or three to a launch, each output its own tensor.
+
 Calls of rewritten modules (``LowRankLinear``, ``QuantizedLinear``, ``LQLinear``,
 ``MonarchLinear``: ``call_module`` nodes, or the ``torch.compile`` backend's runners) are first
 lowered to their operator; other modules are left alone.
@@ -34,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-__all__ = ["Fused", "FusionReport", "fuse_epilogues", "lower_modules", "should_fuse"]
+__all__ = ["Fused", "FusionReport", "Grouped", "fuse_epilogues", "group_siblings", "lower_modules", "should_fuse"]
 
 
 @dataclass
@@ -57,27 +63,46 @@ class Fused:
 
 
 @dataclass
+class Grouped:
+    """Sibling quantized linears launched as one ``decomp::quant_linear_group`` kernel."""
+
+    members: tuple[str, ...]
+    pair: bool
+
+    @property
+    def kernels_removed(self) -> int:
+        return len(self.members) - 1
+
+    @property
+    def round_trips_avoided(self) -> int:
+        """A pair's ``up`` output is neither stored nor read back."""
+        return 1 if self.pair else 0
+
+
+@dataclass
 class FusionReport:
     """What :func:`fuse_epilogues` did to a graph."""
 
     lowered: int = 0
     fused: list[Fused] = field(default_factory=list)
+    grouped: list[Grouped] = field(default_factory=list)
 
     @property
     def kernels_removed(self) -> int:
-        return sum(f.kernels_removed for f in self.fused)
+        return sum(f.kernels_removed for f in [*self.fused, *self.grouped])
 
     @property
     def round_trips_avoided(self) -> int:
-        return sum(f.round_trips_avoided for f in self.fused)
+        return sum(f.round_trips_avoided for f in [*self.fused, *self.grouped])
 
     def __str__(self) -> str:
         head = (
-            f"lowered {self.lowered} module(s); fused {len(self.fused)} chain(s): {self.kernels_removed} kernel(s) "
-            f"and {self.round_trips_avoided} global round trip(s) removed"
+            f"lowered {self.lowered} module(s); fused {len(self.fused)} chain(s), grouped {len(self.grouped)} sibling "
+            f"set(s): {self.kernels_removed} kernel(s) and {self.round_trips_avoided} global round trip(s) removed"
         )
         lines = [head]
         lines += [f"  {f.op} + {','.join(f.steps)}  ({' → '.join(f.replaced)})" for f in self.fused]
+        lines += [f"  {'SwiGLU pair' if g.pair else 'one launch'}: {' + '.join(g.members)}" for g in self.grouped]
         return "\n".join(lines)
 
 
@@ -246,15 +271,16 @@ def lower_modules(gm: fx.GraphModule) -> int:
 # ---- the pass ---------------------------------------------------------------------------------
 
 
-def fuse_epilogues(gm: fx.GraphModule, *, lower: bool = True) -> FusionReport:
+def fuse_epilogues(gm: fx.GraphModule, *, lower: bool = True, group: bool = True) -> FusionReport:
     """Fuse every rewritten linear's elementwise tail into its kernel, in place.
 
     Args:
         gm: the graph (torch or aten level).
         lower: first lower ``call_module`` nodes of rewritten linears to their operators.
+        group: then launch sibling quantized linears together (:func:`group_siblings`).
 
     Returns:
-        A :class:`FusionReport` (chains fused, kernels and round trips removed).
+        A :class:`FusionReport` (chains fused, siblings grouped, kernels and round trips removed).
     """
     report = FusionReport()
     if lower:
@@ -281,9 +307,104 @@ def fuse_epilogues(gm: fx.GraphModule, *, lower: bool = True) -> FusionReport:
             gm.graph.erase_node(n)
         gm.graph.erase_node(node)
         report.fused.append(Fused(op, tuple(steps), tuple(n.name for n in [node, *chain])))
+    if group:
+        report.grouped = group_siblings(gm)
     gm.graph.lint()
     gm.recompile()
     return report
+
+
+# ---- sibling quantized linears ----------------------------------------------------------------
+
+
+def _sibling_key(node: fx.Node) -> tuple | None:
+    """(input node, format, columns) of a ``decomp::quant_linear`` call the grouped kernel can take:
+    positional arguments, no bias or low-rank term, tensor nodes, a known row count ≤ ``GEMV_MAX_M``."""
+    if _decomp_op(node) != "quant_linear" or node.kwargs or len(node.args) != 10:
+        return None
+    x, codes, constants, fmt, cols, bias, down, up, _, _ = node.args
+    if bias is not None or down is not None or up is not None or not isinstance(x, fx.Node):
+        return None
+    if not isinstance(codes, fx.Node) or not all(isinstance(c, fx.Node) for c in constants):
+        return None
+    from codegen.kernels.dequant import GEMV_MAX_M  # no triton import
+
+    shape = _shape(x)
+    if shape is None or not all(type(d) is int for d in shape):
+        return None  # symbolic shapes: the row count may grow past the GEMV path
+    rows = 1
+    for d in shape[:-1]:
+        rows *= d
+    if not 0 < rows <= GEMV_MAX_M:
+        return None
+    return x, fmt, cols
+
+
+def _group_call(gm: fx.GraphModule, before: fx.Node, members: list[fx.Node], pair: bool, epilogue: str, aux) -> list[fx.Node]:
+    """Insert the group op before ``before`` and one ``getitem`` per output; returns the getitems."""
+    x, _, _, fmt, cols = members[0].args[:5]
+    codes = [n.args[1] for n in members]
+    constants = [c for n in members for c in n.args[2]]
+    with gm.graph.inserting_before(before):
+        call = gm.graph.call_function(
+            torch.ops.decomp.quant_linear_group.default, (x, codes, constants, fmt, cols, pair, epilogue, list(aux))
+        )
+        items = [gm.graph.call_function(operator.getitem, (call, i)) for i in range(1 if pair else len(members))]
+    vals = [n.meta.get("val", n.meta.get("example_value")) for n in ([before] if pair else members)]
+    for key in ("val", "example_value"):
+        if all(isinstance(v, torch.Tensor) for v in vals) and any(key in n.meta for n in members):
+            call.meta[key] = vals
+    return items
+
+
+def group_siblings(gm: fx.GraphModule) -> list[Grouped]:
+    """Launch sibling quantized linears (same input node, format and columns; decode sizes) as one
+    ``decomp::quant_linear_group`` kernel, in place: SwiGLU pairs first (``gate`` carrying the
+    ``silu,mul`` epilogue of an ``up`` used only there), then the rest two or three at a time.
+    Returns what was grouped. The graph is linted and recompiled by the caller."""
+    import codegen.ops  # noqa: F401  (registers the operators)
+
+    grouped: list[Grouped] = []
+    for node in list(gm.graph.nodes):
+        key = _sibling_key(node)
+        if key is None or not node.args[8].startswith("silu,mul") or not node.args[9]:
+            continue
+        steps, aux = node.args[8].split(","), list(node.args[9])
+        up = aux[0]
+        if not isinstance(up, fx.Node) or _sibling_key(up) != key or up.args[8] != "" or up.args[9] or len(up.users) != 1:
+            continue
+        (item,) = _group_call(gm, node, [node, up], True, ",".join(steps[2:]), aux[1:])
+        item.meta.update(node.meta)
+        node.replace_all_uses_with(item)
+        gm.graph.erase_node(node)
+        gm.graph.erase_node(up)
+        grouped.append(Grouped((node.name, up.name), True))
+
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    siblings: dict[tuple, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        key = _sibling_key(node)
+        if key is not None and node.args[8] == "" and not node.args[9]:
+            siblings.setdefault(key, []).append(node)
+    for nodes in siblings.values():
+        for start in range(0, len(nodes) - 1, 3):
+            members = nodes[start : start + 3]
+            if len(members) < 2:
+                continue
+            first = members[0]
+            tensors = [t for n in members for t in (n.args[1], *n.args[2])]
+            late = [t for t in tensors if order[t] > order[first]]
+            if any(t.op != "get_attr" for t in late):
+                continue  # a weight computed between the siblings: leave them
+            for t in late:
+                first.prepend(t)  # get_attr reads nothing: safe to move earlier
+            items = _group_call(gm, first, members, False, "", [])
+            for item, n in zip(items, members):
+                item.meta.update(n.meta)
+                n.replace_all_uses_with(item)
+                gm.graph.erase_node(n)
+            grouped.append(Grouped(tuple(n.name for n in members), False))
+    return grouped
 
 
 def should_fuse(example_inputs) -> bool:

@@ -54,12 +54,20 @@ def _proxy_layers(kind, device, dtype, layers, rank=64, spec="int4g32"):
     return out
 
 
-def _proxy_step(layers, fused: bool):
-    """One decode step's projections (attention and norms left out: this times the weights' part)."""
+def _proxy_step(layers, fused: bool | str):
+    """One decode step's projections (attention and norms left out: this times the weights' part).
+    ``fused``: epilogues fused into the kernels; ``"grouped"``: also q/k/v in one launch and gate·up
+    as one SwiGLU kernel (what ``codegen.fusion`` makes of a compiled decode step)."""
     from codegen import dispatch
 
     def step(h):
         for m in layers:
+            if fused == "grouped":
+                q, _, _ = dispatch.quant_linear_group(h, [m[n].packed for n in ("q", "k", "v")])
+                h = dispatch.quant_linear(q, m["o"].packed, None, epilogue="add", aux=[h])
+                (a,) = dispatch.quant_linear_group(h, [m["gate"].packed, m["up"].packed], pair=True)
+                h = dispatch.quant_linear(a, m["down"].packed, None, epilogue="add", aux=[h])
+                continue
             q = m["q"](h)
             m["k"](h)
             m["v"](h)
@@ -93,6 +101,7 @@ def bench_decode_proxy(device, dtype, n_layers, kernel_variants: bool | None = N
     variants = [("dense fp16" if cuda else "dense fp32", "dense", False, None)]
     if kernel_variants:
         variants += [("int4 g32, dequant kernel", "int4", False, True), ("int4 g32, kernel + fused epilogues", "int4", True, True),
+                     ("int4 g32, + q/k/v one launch, gate·up one SwiGLU kernel", "int4", "grouped", True),
                      ("int4 g32, torch dequant path", "int4", False, False), ("low-rank r=64, fused kernel", "lowrank", False, True),
                      ("low-rank r=64, two torch matmuls", "lowrank", False, False)]  # fmt: skip
     else:

@@ -47,7 +47,8 @@ class SwiGLUBlock(nn.Module):
 
 def _compile_fused(model, x):
     """Run ``model`` compiled by a backend that fuses the dynamo graph and runs it as it is
-    (under forced kernels the graph calls the decomp ops; on CPU they run in the interpreter)."""
+    (under forced kernels the graph calls the decomp ops; on CPU they run in the interpreter).
+    ``x``: the input, or a dict of keyword inputs."""
     seen = []
 
     def backend(gm, example_inputs):
@@ -55,8 +56,10 @@ def _compile_fused(model, x):
         seen.append((ops_before, fuse_epilogues(gm), gm))
         return gm.forward
 
+    torch._dynamo.reset()
     with torch.no_grad(), dispatch.force_kernels():
-        out = torch.compile(model, backend=backend, fullgraph=True)(x)
+        compiled = torch.compile(model, backend=backend, fullgraph=True)
+        out = compiled(**x) if isinstance(x, dict) else compiled(x)
     return out, seen[0]
 
 
@@ -146,3 +149,45 @@ def test_should_fuse_only_where_kernels_run(on):
     x = torch.randn(2, 3)
     with dispatch.force_kernels(on):
         assert codegen.fusion.should_fuse([x]) is on
+
+
+def _int4_llama(device, layers=2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(cfg).eval()
+    names = [n for n, p in dense.named_parameters() if p.dim() == 2 and ".layers." in n]
+    return passes.apply(dense, passes.Plan({n: IntNConfig(4, 32) for n in names}), progress=False).to(device), cfg
+
+
+def test_decode_step_groups_sibling_quantized_linears(device):
+    """One decode step of an int4 Llama: q/k/v become one launch and gate/up one SwiGLU kernel
+    (7 quantized-linear kernels per layer → 4), and the logits equal eager's."""
+    from transformers import StaticCache
+
+    model, cfg = _int4_llama(device)
+    cache = StaticCache(config=cfg, max_cache_len=16)
+    ids = torch.tensor([[3, 7, 11, 5]], device=device)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(4, device=device), use_cache=True)
+        steps = [{"input_ids": ids[:, -1:], "cache_position": torch.tensor([4], device=device), "past_key_values": c}
+                 for c in (cache, copy.deepcopy(cache))]  # fmt: skip
+        eager = model(**steps[0], use_cache=True).logits
+        compiled, (ops_before, report, gm) = _compile_fused(lambda **kw: model(**kw, use_cache=True).logits, steps[1])
+    assert ops_before["decomp.quant_linear"] == 14
+    assert [g.pair for g in report.grouped] == [True, True, False, False]  # gate+up per layer, then q/k/v per layer
+    assert [len(g.members) for g in report.grouped] == [2, 2, 3, 3]
+    groups = _count(gm, "decomp.quant_linear_group")
+    assert groups == 4 and _count(gm, "decomp.quant_linear") - groups == 4  # + o_proj and down_proj per layer
+    assert report.kernels_removed >= 6 + 4  # 2 per q/k/v set, 1 per pair (+ the fused epilogues)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_siblings_stay_apart_beyond_decode_rows(device):
+    model, _ = _int4_llama(device, layers=1)
+    x = torch.randint(0, 128, (1, 9), device=device)  # 9 rows > GEMV_MAX_M: the GEMM path, one launch per weight
+    with torch.no_grad():
+        _, (_, report, gm) = _compile_fused(lambda ids: model(input_ids=ids).logits, x)
+    assert report.grouped == [] and _count(gm, "decomp.quant_linear_group") == 0

@@ -1,0 +1,159 @@
+"""What ``torch.compile(backend="decomp")`` makes of an int4 decode step on CUDA — without a GPU.
+
+    python benchmarks/cuda_trace.py              # 2 SmolLM2-structured layers (tiny widths)
+    python benchmarks/cuda_trace.py --layers 4 --json
+
+On a machine without CUDA the operators take their CPU branch, so a CPU compile never shows the
+graph a GPU would get. This script makes the operators take their CUDA branch on CPU tensors
+(``codegen.ops`` thinks it is on a GPU, Triton's front end targets sm_90), runs the real backend
+(rewrite check, epilogue fusion, sibling grouping) and AOT autograd's functionalization — what
+inductor receives — and reports, per compiled graph:
+
+- graph breaks (dynamo's counter) and the number of graphs,
+- Triton kernels (``triton_kernel_wrapper_functional`` nodes) per decoder layer,
+- the buffers functionalization clones per kernel: a kernel's outputs only, or it has been
+  told it writes one of its inputs (which would cost copies, or CUDA-graph skips),
+- inductor's verdict on CUDA-graph compatibility (``get_first_incompatible_cudagraph_node``),
+- inputs that are not static (cudagraph trees copy those into place on every replay).
+
+Nothing runs: the compiled graphs return zeros. Inductor itself, and what it decides at run time
+on a real card (the GPU test ``test_compiled_int4_decoder_replays_as_cuda_graphs`` covers that),
+are not exercised. Needs triton (no GPU) and runs in its own process: ``TRITON_INTERPRET`` must be
+unset when triton is imported, since it decides what ``@triton.jit`` returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("cuda_trace.py traces compiled (not interpreted) kernels: run it with TRITON_INTERPRET unset")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
+        "vocab_size": 256, "max_position_embeddings": 64}  # fmt: skip
+
+
+class _Sm90:
+    """The part of Triton's active driver its front end asks for while torch analyses a kernel."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+
+def _inspect(report: list):
+    """An AOT forward compiler recording what inductor would receive; the graph returns zeros."""
+
+    def compiler(gm: torch.fx.GraphModule, example_inputs):
+        from torch._guards import TracingContext
+        from torch._inductor.utils import get_first_incompatible_cudagraph_node
+
+        context = TracingContext.try_get()
+        static = set(context.fw_metadata.static_input_indices) if context and context.fw_metadata else set()
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        kernels = [n for n in gm.graph.nodes if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target)]
+        report.append({
+            "kernels": len(kernels),
+            "cloned": sorted({name for n in kernels for name in n.kwargs.get("tensors_to_clone", [])}),
+            "cudagraph_incompatible": None if (bad := get_first_incompatible_cudagraph_node(gm)) is None else bad.format_node(),
+            "non_static_inputs": [
+                f"{n.name} {tuple(n.meta['val'].shape)}" for i, n in enumerate(placeholders)
+                if isinstance(n.meta.get("val"), torch.Tensor) and i not in static
+            ],
+            "ops": dict(collections.Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function").most_common(6)),
+        })  # fmt: skip
+        outputs = next(iter(reversed(gm.graph.nodes))).args[0]
+
+        def run(args):
+            args.clear()
+            return [torch.zeros(o.meta["val"].shape, dtype=o.meta["val"].dtype) if isinstance(o, torch.fx.Node) else o
+                    for o in outputs]  # fmt: skip
+
+        run._boxed_call = True
+        return run
+
+    return compiler
+
+
+def trace(layers: int = 2) -> dict:
+    """Compile one decode step of an int4 g32 Llama (SmolLM2's structure at tiny widths) on the
+    operators' CUDA branch; returns graph breaks, the fusion report and each graph's record."""
+    from torch._dynamo.backends.registry import register_backend
+    from torch._dynamo.utils import counters
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+    from triton.runtime import driver
+
+    import codegen.fusion
+    import codegen.ops
+    import passes
+    import passes.backend
+    from codegen import dispatch
+    from codegen.kernels import lowrank
+    from passes.quant_storage import IntNConfig
+
+    cfg = LlamaConfig(num_hidden_layers=layers, **TINY)
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(cfg).half().eval()
+    names = [n for n, p in dense.named_parameters() if p.dim() == 2 and ".layers." in n]
+    model = passes.apply(dense, passes.Plan({n: IntNConfig(4, 32) for n in names}), progress=False)
+    cache = StaticCache(config=cfg, max_cache_len=32)
+    with torch.no_grad():
+        model(input_ids=torch.arange(1, 5)[None], past_key_values=cache, cache_position=torch.arange(4), use_cache=True)
+
+    graphs, fusion = [], []
+    real_fuse = codegen.fusion.fuse_epilogues
+    saved = (codegen.ops._on_gpu, lowrank._processors, driver._active, passes.backend._inductor, codegen.fusion.fuse_epilogues)
+    codegen.ops._on_gpu = lambda x: True
+    lowrank._processors = lambda device: 132
+    driver.set_active(_Sm90())
+    passes.backend._inductor = lambda gm, inputs, mode, patches: aot_module_simplified(gm, inputs, fw_compiler=_inspect(graphs))
+    codegen.fusion.fuse_epilogues = lambda gm, **kw: fusion.append(str(real_fuse(gm, **kw)).splitlines()[0]) or None
+    register_backend(compiler_fn=passes.backend.decomp_backend, name="decomp")
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        step = torch.compile(model, backend="decomp")
+        with torch.no_grad(), dispatch.force_kernels():
+            step(input_ids=torch.tensor([[5]]), past_key_values=cache, cache_position=torch.tensor([4]), use_cache=True)
+    finally:
+        (codegen.ops._on_gpu, lowrank._processors, driver._active, passes.backend._inductor,
+         codegen.fusion.fuse_epilogues) = saved  # fmt: skip
+        torch._dynamo.reset()
+    return {"layers": layers, "graph_breaks": sum(counters["graph_break"].values()), "fusion": fusion, "graphs": graphs}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="print the record as JSON")
+    args = parser.parse_args(argv)
+    result = trace(args.layers)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"decode step of a {args.layers}-layer int4 g32 Llama, operators on their CUDA branch (traced on CPU)")
+    print(f"graph breaks: {result['graph_breaks']}; graphs: {len(result['graphs'])}")
+    for line in result["fusion"]:
+        print(f"fusion: {line}")
+    for i, g in enumerate(result["graphs"]):
+        print(f"graph {i}: {g['kernels']} Triton kernels ({g['kernels'] / args.layers:.1f} per layer); "
+              f"buffers cloned for kernels: {g['cloned']}")  # fmt: skip
+        print(f"  CUDA-graph incompatible node: {g['cudagraph_incompatible']}; non-static inputs: {g['non_static_inputs']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,33 @@
+"""The CUDA branch of the operators under ``torch.compile(backend="decomp")``, traced on CPU
+(``benchmarks/cuda_trace.py`` in its own process: it needs triton imported without the
+interpreter): what inductor would receive for an int4 decode step on a GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "cuda_trace.py"
+
+
+def test_int4_decode_step_is_one_cuda_graph_friendly_graph_of_grouped_kernels():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--json"], check=False, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads(run.stdout.strip().splitlines()[-1])
+    assert record["graph_breaks"] == 0 and len(record["graphs"]) == 1, record
+    graph = record["graphs"][0]
+    # per layer: q/k/v one launch, o_proj (+ residual), gate·up SwiGLU pair, down_proj (+ residual)
+    assert graph["kernels"] == 4 * record["layers"], record
+    # functionalization clones only what the kernels write (their outputs), never a weight or activation
+    assert set(graph["cloned"]) <= {"out_ptr", "out0_ptr", "out1_ptr", "out2_ptr"}, graph["cloned"]
+    assert graph["cudagraph_incompatible"] is None
+    assert len(graph["non_static_inputs"]) == 1, graph["non_static_inputs"]  # the token ids; weights and cache are static
