@@ -10,7 +10,8 @@ graph a GPU would get. This script makes the operators take their CUDA branch on
 inductor receives — and reports, per compiled graph:
 
 - graph breaks (dynamo's counter) and the number of graphs,
-- Triton kernels (``triton_kernel_wrapper_functional`` nodes) per decoder layer,
+- Triton kernels (``triton_kernel_wrapper_functional`` nodes) per decoder layer, and the RMSNorms
+  left for inductor (``rsqrt`` nodes: the ones not folded into a grouped kernel),
 - the buffers functionalization clones per kernel: a kernel's outputs only, or it has been
   told it writes one of its inputs (which would cost copies, or CUDA-graph skips),
 - inductor's verdict on CUDA-graph compatibility (``get_first_incompatible_cudagraph_node``),
@@ -67,6 +68,7 @@ def _inspect(report: list):
         report.append({
             "kernels": len(kernels),
             "cloned": sorted({name for n in kernels for name in n.kwargs.get("tensors_to_clone", [])}),
+            "rms_norms_left": sum(1 for n in gm.graph.nodes if n.op == "call_function" and "rsqrt" in str(n.target)),
             "cudagraph_incompatible": None if (bad := get_first_incompatible_cudagraph_node(gm)) is None else bad.format_node(),
             "non_static_inputs": [
                 f"{n.name} {tuple(n.meta['val'].shape)}" for i, n in enumerate(placeholders)
@@ -149,8 +151,8 @@ def main(argv=None) -> int:
     for line in result["fusion"]:
         print(f"fusion: {line}")
     for i, g in enumerate(result["graphs"]):
-        print(f"graph {i}: {g['kernels']} Triton kernels ({g['kernels'] / args.layers:.1f} per layer); "
-              f"buffers cloned for kernels: {g['cloned']}")  # fmt: skip
+        print(f"graph {i}: {g['kernels']} Triton kernels ({g['kernels'] / args.layers:.1f} per layer), "
+              f"{g['rms_norms_left']} RMSNorm(s) left to inductor; buffers cloned for kernels: {g['cloned']}")  # fmt: skip
         print(f"  CUDA-graph incompatible node: {g['cudagraph_incompatible']}; non-static inputs: {g['non_static_inputs']}")
     return 0
 

@@ -121,9 +121,9 @@ def variants(quick: bool):
                     group_pointers[f"w{w}_ptr"] = code_ty
                 group_consts = {k: consts[k] for k in ("KIND", "BITS", "GROUP", "DQ")} | {"HAS_BIAS": False}
                 full = dt == "fp16" and not quick
-                for w, pair in ((3, False), (2, True)):
-                    out.append((f"dequant gemv group {'pair' if pair else 'w3'} {fmt} {dt}", dequant.gemv_group_kernel(),
-                                group_pointers, group_consts | {"W": w, "PAIR": pair},
+                for w, pair in ((3, False), (2, True)):  # with the RMSNorm folded in, as decode runs them
+                    out.append((f"dequant gemv group {'pair' if pair else 'w3'} norm {fmt} {dt}", dequant.gemv_group_kernel(),
+                                group_pointers, group_consts | {"W": w, "PAIR": pair, "NORM": True},
                                 dequant.GEMV_CONFIGS if full else dequant.GEMV_CONFIGS[:1]))  # fmt: skip
     for dt in ("fp16", "bf16", "fp32") if not quick else ("fp16",):
         full = dt == "fp16" and not quick

@@ -11,7 +11,7 @@ implementations come from the bodies themselves (``triton_op`` traces them with 
 |---|---|---|
 | ``decomp::lowrank_linear(x, down, up, bias, epilogue, aux)`` | ``ep((x·downᵀ)·upᵀ + b)`` | ``LowRankLinear`` |
 | ``decomp::quant_linear(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux)`` | ``ep(x·deq(W)ᵀ [+ (x·downᵀ)·upᵀ] + b)`` | ``QuantizedLinear``, ``LQLinear`` |
-| ``decomp::quant_linear_group(x, codes[], constants[], fmt, cols, pair, epilogue, aux)`` | ``[ep(silu(x·W₀ᵀ)·(x·W₁ᵀ))]`` or ``[x·W₀ᵀ, x·W₁ᵀ, …]`` | sibling ``QuantizedLinear``s (``codegen.fusion``) |
+| ``decomp::quant_linear_group(x, codes[], constants[], fmt, cols, pair, epilogue, aux, norm_weight, eps)`` | ``[ep(silu(x'·W₀ᵀ)·(x'·W₁ᵀ))]`` or ``[x'·W₀ᵀ, x'·W₁ᵀ, …]``, x' = x or its RMSNorm | sibling ``QuantizedLinear``s (``codegen.fusion``) |
 | ``decomp::monarch_linear(x, L, R, out_features, bias, epilogue, aux)`` | ``ep(monarch(x) + b)`` | ``MonarchLinear`` |
 
 ``epilogue`` is a :class:`codegen.template.Epilogue` spec (``""``, ``"silu,mul"``, ...); ``aux``
@@ -132,30 +132,49 @@ def _per_weight(constants: list[Tensor], fmt: str, n: int) -> list[list[Tensor]]
 
 @torch.library.custom_op("decomp::quant_linear_group_host", mutates_args=())
 def _group_host(
-    x: Tensor, codes: list[Tensor], constants: list[Tensor], fmt: str, cols: int, pair: bool, epilogue: str, aux: list[Tensor]
+    x: Tensor,
+    codes: list[Tensor],
+    constants: list[Tensor],
+    fmt: str,
+    cols: int,
+    pair: bool,
+    epilogue: str,
+    aux: list[Tensor],
+    norm_weight: Tensor | None,
+    eps: float,
 ) -> list[Tensor]:
     per = _per_weight(constants, fmt, len(codes))
     if interpreter_active():
-        return _dequant.quant_linear_group(x, codes, per, fmt, cols, pair, epilogue, aux)
-    return _dequant.quant_linear_group_ref(x, codes, per, fmt, cols, pair, epilogue, aux)
+        return _dequant.quant_linear_group(x, codes, per, fmt, cols, pair, epilogue, aux, norm_weight, eps)
+    return _dequant.quant_linear_group_ref(x, codes, per, fmt, cols, pair, epilogue, aux, norm_weight, eps)
 
 
 @_group_host.register_fake
-def _(x, codes, constants, fmt, cols, pair, epilogue, aux):
+def _(x, codes, constants, fmt, cols, pair, epilogue, aux, norm_weight, eps):
     return [x.new_empty((*x.shape[:-1], c.shape[0])) for c in (codes[:1] if pair else codes)]
 
 
 @triton_op("decomp::quant_linear_group", mutates_args=())
 def quant_linear_group(
-    x: Tensor, codes: list[Tensor], constants: list[Tensor], fmt: str, cols: int, pair: bool, epilogue: str, aux: list[Tensor]
+    x: Tensor,
+    codes: list[Tensor],
+    constants: list[Tensor],
+    fmt: str,
+    cols: int,
+    pair: bool,
+    epilogue: str,
+    aux: list[Tensor],
+    norm_weight: Tensor | None,
+    eps: float,
 ) -> list[Tensor]:
     """Two or three quantized linears on one input in one launch: ``[epilogue(silu(x·W₀ᵀ)·(x·W₁ᵀ))]``
-    (``pair``) or ``[x·W₀ᵀ, x·W₁ᵀ, …]``; ``constants`` is every weight's constant buffers, one
-    weight after the other. See :func:`codegen.kernels.dequant.quant_linear_group`."""
+    (``pair``) or ``[x·W₀ᵀ, x·W₁ᵀ, …]``, of ``rms_norm(x)`` when ``norm_weight`` is given;
+    ``constants`` is every weight's constant buffers, one weight after the other. See
+    :func:`codegen.kernels.dequant.quant_linear_group`."""
     if _on_gpu(x):
         per = _per_weight(constants, fmt, len(codes))
-        return _dequant.quant_linear_group(x, codes, per, fmt, cols, pair, epilogue, aux, wrap=wrap_triton)
-    return torch.ops.decomp.quant_linear_group_host(x, codes, constants, fmt, cols, pair, epilogue, aux)
+        return _dequant.quant_linear_group(x, codes, per, fmt, cols, pair, epilogue, aux, norm_weight, eps, wrap=wrap_triton)
+    return torch.ops.decomp.quant_linear_group_host(x, codes, constants, fmt, cols, pair, epilogue, aux, norm_weight, eps)
 
 
 # ---- Monarch --------------------------------------------------------------------------------

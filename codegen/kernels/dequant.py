@@ -81,6 +81,7 @@ __all__ = [
     "quant_linear_group",
     "quant_linear_group_ref",
     "quant_linear_ref",
+    "rms_norm_ref",
     "supports",
 ]
 
@@ -218,11 +219,22 @@ def quant_linear_ref(
     return Epilogue.parse(epilogue).apply_ref(y.float(), aux).to(x.dtype)
 
 
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF Llama's RMSNorm (``LlamaRMSNorm.forward``): ``weight · (x/rms(x))`` with the normalised
+    row rounded to x's dtype before the weight multiplies it."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
 def quant_linear_group_ref(
-    x, codes, constants, fmt: str, cols: int, pair: bool, epilogue: str = "", aux=()
+    x, codes, constants, fmt: str, cols: int, pair: bool, epilogue: str = "", aux=(), norm_weight=None, eps: float = 0.0
 ) -> list[torch.Tensor]:
     """The semantics of :func:`quant_linear_group`: ``[ep(silu(x·W₀ᵀ)·(x·W₁ᵀ))]`` (``pair``; the
-    products rounded to x's dtype, as separate linears are) or ``[x·Wᵢᵀ for each weight]``."""
+    products rounded to x's dtype, as separate linears are) or ``[x·Wᵢᵀ for each weight]``; with
+    ``norm_weight``, x is first :func:`rms_norm_ref`'s output."""
+    if norm_weight is not None:
+        x = rms_norm_ref(x, norm_weight, eps)
     if not pair:
         return [quant_linear_ref(x, c, k, fmt, cols) for c, k in zip(codes, constants)]
     gate, up = (quant_linear_ref(x, c, k, fmt, cols).float() for c, k in zip(codes, constants))
@@ -318,8 +330,9 @@ def quant_linear(
 
 
 def quant_linear_group(
-    x, codes, constants, fmt: str, cols: int, pair: bool, epilogue: str = "", aux=(), *, wrap=None
-) -> list[torch.Tensor]:
+    x, codes, constants, fmt: str, cols: int, pair: bool, epilogue: str = "", aux=(), norm_weight=None, eps: float = 0.0,
+    *, wrap=None,
+) -> list[torch.Tensor]:  # fmt: skip
     """Two or three quantized linears of one format on the same input, as one GEMV launch.
 
     ``pair`` (two weights of the same shape, SwiGLU's gate and up): ``[ep(silu(x·W₀ᵀ)·(x·W₁ᵀ))]``,
@@ -334,6 +347,8 @@ def quant_linear_group(
         fmt, cols: the format all weights share and their (unpadded) input size.
         pair: SwiGLU pair instead of separate outputs.
         epilogue, aux: the pair's epilogue after the product (the separate outputs take none).
+        norm_weight, eps: an RMSNorm on the way in (:func:`rms_norm_ref`, HF Llama's): the
+            weights multiply ``norm_weight · x/rms(x)``, computed in the kernel and never stored.
         wrap: ``torch.library.wrap_triton`` inside a ``triton_op``.
     """
     f = QuantFormat.parse(fmt)
@@ -350,9 +365,15 @@ def quant_linear_group(
     if ep.steps and not pair:
         raise KernelError("only a SwiGLU pair takes an epilogue; fuse the separate outputs' tails one by one")
     check_float("x", x)
+    if norm_weight is not None:
+        check_float("norm_weight", norm_weight, x.dtype, x.device)
+        if tuple(norm_weight.shape) != (cols,):
+            raise KernelError(f"the norm weight must be ({cols},), got {tuple(norm_weight.shape)}")
     x2 = rows_of(x, cols)
     m = x2.shape[0]
     if m > GEMV_MAX_M:  # prefill: separate GEMMs, same results
+        if norm_weight is not None:
+            x = rms_norm_ref(x, norm_weight, eps)
         if pair:
             up = quant_linear(x, codes[1], constants[1], fmt, cols, wrap=wrap)
             steps = ",".join(("silu", "mul", *ep.steps))
@@ -367,10 +388,11 @@ def quant_linear_group(
             weights += [c if c.is_contiguous() else c.contiguous(), *_constant_slots(f, k, x, eager)]
         weights += [unused_pointer(x, eager) for _ in range(15 - len(weights))]
         out_slots = outs + [unused_pointer(x, eager) for _ in range(3 - len(outs))]
-        args = (x2, *weights, unused_pointer(x, eager), *out_slots, *auxs, m, *sizes, *[0] * (3 - len(sizes)), cols,
-                codes[0].shape[1], groups.pop(), x2.stride(0), shape_class(m))  # fmt: skip
+        nw = norm_weight.contiguous() if norm_weight is not None else unused_pointer(x, eager)
+        args = (x2, *weights, unused_pointer(x, eager), nw, *out_slots, *auxs, m, *sizes, *[0] * (3 - len(sizes)), cols,
+                codes[0].shape[1], groups.pop(), x2.stride(0), float(eps), shape_class(m))  # fmt: skip
         meta = {"KIND": f.kind, "BITS": f.bits, "GROUP": max(f.group, 1), "DQ": f.dq, "HAS_BIAS": False, "W": len(codes),
-                "PAIR": pair}  # fmt: skip
+                "PAIR": pair, "NORM": norm_weight is not None}  # fmt: skip
         blocks = sizes[:1] if pair else sizes
         grid = lambda meta: (sum(-(-s // meta["BN"]) for s in blocks), m)
         _kernel("group", ep).launch(grid, *args, wrap=None if eager else wrap, **meta)

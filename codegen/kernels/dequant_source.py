@@ -174,11 +174,35 @@ def _packed_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0, 
 
 
 @triton.jit
+def _rms_rstd(x_ptr, m, K, stride_xm, eps, BK: tl.constexpr):
+    """``rsqrt(mean(x[m]²) + eps)`` in fp32 (an RMSNorm's scale; x is one row, read from L2)."""
+    ss = tl.zeros((BK,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        offs = k0 + tl.arange(0, BK)
+        xk = tl.load(x_ptr + m * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+        ss += xk * xk
+    return tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+
+
+@triton.jit
+def _rms_x(x, nw_ptr, offs, mask, rstd):
+    """``w · (x·rstd)`` rounded as an HF Llama RMSNorm rounds it: the fp32 product to x's dtype, times
+    the weight, rounded again. Both products in fp32 (exact for 16-bit operands, then rounded
+    once), so the result is torch's to the bit and no 16-bit arithmetic runs (the interpreter
+    has none for bfloat16)."""
+    w = tl.load(nw_ptr + offs, mask=mask, other=0.0)
+    xr = (x.to(tl.float32) * rstd).to(x.dtype)
+    return (w.to(tl.float32) * xr.to(tl.float32)).to(x.dtype)
+
+@triton.jit
 def _gemv_rows(x_ptr, codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, m, K, row_bytes, n_groups, stride_xm,
+               nw_ptr, rstd,
                KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr, BN: tl.constexpr,
-               BK: tl.constexpr, LS: tl.constexpr, PREFETCH: tl.constexpr, ACC3: tl.constexpr, MAGIC: tl.constexpr):
+               BK: tl.constexpr, LS: tl.constexpr, PREFETCH: tl.constexpr, ACC3: tl.constexpr, MAGIC: tl.constexpr,
+               NORM: tl.constexpr):
     """``x[m]·Wᵀ`` over the output rows ``offs_n`` (masked by ``n_mask``) as an fp32 ``(BN,)`` vector:
-    the GEMV's main loop, shared by the one-weight kernel and the grouped one (inlined by Triton)."""
+    the GEMV's main loop, shared by the one-weight kernel and the grouped one (inlined by Triton).
+    ``NORM``: x is first RMS-normalised (``_rms_x``, with ``rstd`` and the norm weight ``nw_ptr``)."""
     # Per (row, group) partial sums Σ q·x, scaled once per group: y = Σ_g s_g·Σ q·x + min_g·Σ x
     # (NF4: absmax_g·Σ codebook[q]·x; int8: one scale per row at the end), a (BN, BK/GROUP) fp32
     # tile; or (ACC3) the decoded w·x per code, reduced after the loop.
@@ -196,14 +220,20 @@ def _gemv_rows(x_ptr, codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask,
     for k0 in tl.range(0, K, BK, num_stages=LS):
         if KIND == 2:
             offs_k = k0 + tl.arange(0, BK)
-            xk = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            xk = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0)
+            if NORM:
+                xk = _rms_x(xk, nw_ptr, offs_k, offs_k < K, rstd)
+            xk = xk.to(tl.float32)
             q = tl.load(codes_ptr + offs_n[:, None] * row_bytes + offs_k[None, :],
                         mask=n_mask[:, None] & (offs_k < row_bytes)[None, :], other=0, eviction_policy="evict_first")
             part += q.to(tl.float32) * xk[None, :]
         else:
             # x as (groups, columns), the shape the products broadcast it to
             offs_k3 = k0 + tl.arange(0, BK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-            x3 = tl.load(x_ptr + m * stride_xm + offs_k3, mask=offs_k3 < K, other=0.0).to(tl.float32)
+            x3 = tl.load(x_ptr + m * stride_xm + offs_k3, mask=offs_k3 < K, other=0.0)
+            if NORM:
+                x3 = _rms_x(x3, nw_ptr, offs_k3, offs_k3 < K, rstd)
+            x3 = x3.to(tl.float32)
             if PREFETCH:
                 s, mn = s_next, mn_next
                 s_next, mn_next = _group_constants(c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0 + BK, n_groups,
@@ -260,7 +290,7 @@ def ${KERNEL}("""
     n_mask = offs_n < N
 
     acc = _gemv_rows(x_ptr, codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, m, K, row_bytes, n_groups, stride_xm,
-                     KIND, BITS, GROUP, DQ, BN, BK, LS, PREFETCH, ACC3, MAGIC)
+                     x_ptr, 1.0, KIND, BITS, GROUP, DQ, BN, BK, LS, PREFETCH, ACC3, MAGIC, False)
 
     # low-rank term t·upᵀ (t = x·downᵀ computed before the launch)
     if HAS_LR:
@@ -277,6 +307,8 @@ def ${KERNEL}("""
 #: (up) and stores ``silu(x·W0ᵀ)·(x·W1ᵀ)`` (up's output never goes to memory); otherwise the
 #: program's row block picks its weight (blocks ``0 … cdiv(N0, BN)`` of W0, then W1's, then W2's)
 #: and stores into that weight's own output (``out0 … out2``, each contiguous as a lone linear's).
+#: ``NORM``: the input is an RMSNorm's (``w · x/rms(x)``, HF Llama rounding) computed on the way in:
+#: the normalised row is never stored, and the norm is no launch of its own.
 GEMV_GROUP_TEMPLATE = (
     _HELPERS
     + """
@@ -284,22 +316,25 @@ GEMV_GROUP_TEMPLATE = (
 @triton.jit
 def ${KERNEL}(
     x_ptr, w0_ptr, a0_ptr, b0_ptr, c0_ptr, d0_ptr, w1_ptr, a1_ptr, b1_ptr, c1_ptr, d1_ptr,
-    w2_ptr, a2_ptr, b2_ptr, c2_ptr, d2_ptr, bias_ptr, out0_ptr, out1_ptr, out2_ptr, ${AUX_PARAMS}
-    M, N0, N1, N2, K, row_bytes, n_groups, stride_xm, M_CLASS,
+    w2_ptr, a2_ptr, b2_ptr, c2_ptr, d2_ptr, bias_ptr, nw_ptr, out0_ptr, out1_ptr, out2_ptr, ${AUX_PARAMS}
+    M, N0, N1, N2, K, row_bytes, n_groups, stride_xm, eps, M_CLASS,
     KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr, HAS_BIAS: tl.constexpr,
-    W: tl.constexpr, PAIR: tl.constexpr,
+    W: tl.constexpr, PAIR: tl.constexpr, NORM: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr, LS: tl.constexpr, PREFETCH: tl.constexpr, ACC3: tl.constexpr, MAGIC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     m = tl.program_id(1)
     offs_n = pid * BN + tl.arange(0, BN)
     out_ptr, N = out0_ptr, N0
+    rstd = 1.0
+    if NORM:  # the RMSNorm before the linears, folded in (every program recomputes the row's scale)
+        rstd = _rms_rstd(x_ptr, m, K, stride_xm, eps, 512)
     if PAIR:
         n_mask = offs_n < N
         gate = _gemv_rows(x_ptr, w0_ptr, a0_ptr, b0_ptr, c0_ptr, d0_ptr, offs_n, n_mask, m, K, row_bytes, n_groups,
-                          stride_xm, KIND, BITS, GROUP, DQ, BN, BK, LS, PREFETCH, ACC3, MAGIC)
+                          stride_xm, nw_ptr, rstd, KIND, BITS, GROUP, DQ, BN, BK, LS, PREFETCH, ACC3, MAGIC, NORM)
         up = _gemv_rows(x_ptr, w1_ptr, a1_ptr, b1_ptr, c1_ptr, d1_ptr, offs_n, n_mask, m, K, row_bytes, n_groups,
-                        stride_xm, KIND, BITS, GROUP, DQ, BN, BK, LS, PREFETCH, ACC3, MAGIC)
+                        stride_xm, nw_ptr, rstd, KIND, BITS, GROUP, DQ, BN, BK, LS, PREFETCH, ACC3, MAGIC, NORM)
         acc = gate * tl.sigmoid(gate) * up
     else:
         # this program's weight, output and rows
@@ -315,7 +350,7 @@ def ${KERNEL}(
                     out_ptr, N, offs_n = out2_ptr, N2, offs_n - nb1 * BN
         n_mask = offs_n < N
         acc = _gemv_rows(x_ptr, w_ptr, a_ptr, b_ptr, c_ptr, d_ptr, offs_n, n_mask, m, K, row_bytes, n_groups,
-                         stride_xm, KIND, BITS, GROUP, DQ, BN, BK, LS, PREFETCH, ACC3, MAGIC)
+                         stride_xm, nw_ptr, rstd, KIND, BITS, GROUP, DQ, BN, BK, LS, PREFETCH, ACC3, MAGIC, NORM)
 """
     + ROW_TAIL
 )

@@ -27,6 +27,7 @@ def test_int4_decode_step_is_one_cuda_graph_friendly_graph_of_grouped_kernels():
     graph = record["graphs"][0]
     # per layer: q/k/v one launch, o_proj (+ residual), gate·up SwiGLU pair, down_proj (+ residual)
     assert graph["kernels"] == 4 * record["layers"], record
+    assert graph["rms_norms_left"] == 1  # the final norm (before the dense lm_head); the others are in the kernels
     # functionalization clones only what the kernels write (their outputs), never a weight or activation
     assert set(graph["cloned"]) <= {"out_ptr", "out0_ptr", "out1_ptr", "out2_ptr"}, graph["cloned"]
     assert graph["cudagraph_incompatible"] is None

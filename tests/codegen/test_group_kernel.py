@@ -26,15 +26,17 @@ def _weights(config, sizes, inn, dtype, device, seed=0):
     return codes, constants, spec
 
 
-def _check(device, close_to_truth, config, dtype, sizes, rows, pair, epilogue="", n_aux=0):
-    inn = 70  # ragged against every group size
+def _check(device, close_to_truth, config, dtype, sizes, rows, pair, epilogue="", n_aux=0, norm=False, inn=70):
+    # 70 input columns: ragged against every group size
     codes, constants, spec = _weights(config, sizes, inn, dtype, device)
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(rows, inn, generator=g).to(device=device, dtype=dtype)
+    x = (torch.randn(rows, inn, generator=g) * (3.0 if norm else 1.0)).to(device=device, dtype=dtype)
     aux = [torch.randn(rows, sizes[0], generator=g).to(device=device, dtype=dtype) for _ in range(n_aux)]
-    outs = D.quant_linear_group(x, codes, constants, spec, inn, pair, epilogue, aux)
-    refs = D.quant_linear_group_ref(x, codes, constants, spec, inn, pair, epilogue, aux)
-    truths = D.quant_linear_group_ref(x.double(), codes, constants, spec, inn, pair, epilogue, [a.double() for a in aux])
+    nw = (1 + 0.2 * torch.randn(inn, generator=g)).to(device=device, dtype=dtype) if norm else None
+    outs = D.quant_linear_group(x, codes, constants, spec, inn, pair, epilogue, aux, nw, 1e-5)
+    refs = D.quant_linear_group_ref(x, codes, constants, spec, inn, pair, epilogue, aux, nw, 1e-5)
+    truths = D.quant_linear_group_ref(x.double(), codes, constants, spec, inn, pair, epilogue, [a.double() for a in aux],
+                                      None if nw is None else nw.double(), 1e-5)  # fmt: skip
     assert [tuple(o.shape) for o in outs] == [(rows, s) for s in (sizes[:1] if pair else sizes)]
     for i, (out, ref, truth) in enumerate(zip(outs, refs, truths)):
         assert out.dtype == dtype and out.is_contiguous()
@@ -65,6 +67,26 @@ def test_two_weights_rows_and_prefill_fallback(device, close_to_truth, rows):
     _check(device, close_to_truth, IntNConfig(4, 32), torch.float16, (24, 24), rows, True, "add", 1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", [Int8Config(), IntNConfig(4, 32), NF4Config(64, True)], ids=lambda c: c.describe())
+@pytest.mark.parametrize("pair", [False, True], ids=["qkv", "pair"])
+def test_rms_norm_folded_in(device, close_to_truth, config, dtype, pair):
+    # 1100 columns: the norm's sum of squares and the GEMV both take several K steps
+    sizes = (24, 24) if pair else (24, 8, 8)
+    _check(device, close_to_truth, config, dtype, sizes, 1, pair, norm=True, inn=1100)
+    _check(device, close_to_truth, config, dtype, sizes, 6, pair, norm=True)  # prefill fallback: norm in torch
+
+
+def test_rms_norm_ref_is_hf_llamas():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(40, eps=1e-6).half()
+    torch.nn.init.normal_(norm.weight, 1.0, 0.2)
+    x = torch.randn(3, 40).half() * 5
+    with torch.no_grad():
+        torch.testing.assert_close(D.rms_norm_ref(x, norm.weight, 1e-6), norm(x), rtol=0, atol=0)
+
+
 def test_pair_epilogue_after_the_product(device, close_to_truth):
     _check(device, close_to_truth, IntNConfig(4, 32), torch.float32, (16, 16), 2, True, "gelu,add", 1)
 
@@ -83,6 +105,8 @@ def test_bad_groups_raise():
         D.quant_linear_group(x, codes, constants, spec, 64, True)
     with pytest.raises(KernelError, match="only a SwiGLU pair takes an epilogue"):
         D.quant_linear_group(x, codes, constants, spec, 64, False, "silu")
+    with pytest.raises(KernelError, match=r"norm weight must be \(64,\)"):
+        D.quant_linear_group(x, codes, constants, spec, 64, False, norm_weight=torch.ones(32))
     with pytest.raises(KernelError, match="2 or 3 weights"):
         D.quant_linear_group(x, codes[:1], constants[:1], spec, 64, False)
     other, other_constants, _ = _weights(IntNConfig(4, 32), (8,), 96, torch.float32, "cpu")
