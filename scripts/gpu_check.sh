@@ -18,7 +18,7 @@ PY="${PYTHON:-python}"
 } > "$OUT/device.txt" 2>&1
 if [ "${SKIP_PYTEST:-0}" != 1 ]; then
   DECOMP_AUTOTUNE=0 timeout 180 "$PY" -m pytest -q -p no:cacheprovider \
-    tests/codegen/test_monarch_kernel.py tests/codegen/test_gpu.py > "$OUT/pytest_gpu.txt" 2>&1
+    tests/codegen/test_gpu.py tests/codegen/test_monarch_kernel.py > "$OUT/pytest_gpu.txt" 2>&1
   echo "pytest exit $?" >> "$OUT/pytest_gpu.txt"
   tail -3 "$OUT/pytest_gpu.txt"
 fi

@@ -36,6 +36,24 @@ def test_tuned_kernels_at_real_sizes(close_to_truth):
         close_to_truth(out, ref, D.quant_linear_ref(xm.double(), pw.codes, consts, "int4g128", 4096))
 
 
+def test_grouped_gemv_with_folded_norm_at_smollm2_sizes(close_to_truth):
+    """The grouped kernels as a compiled SmolLM2 decode step runs them (tuned, fp16, RMSNorm folded
+    in): q/k/v 576 → 576/192/192 and the gate·up pair 576 → 1536."""
+    g = torch.Generator().manual_seed(0)
+    config = IntNConfig(4, 32)
+    x = (torch.randn(1, 576, generator=g) * 3).cuda().half()
+    nw = (1 + 0.2 * torch.randn(576, generator=g)).cuda().half()
+    for sizes, pair in (((576, 192, 192), False), ((1536, 1536), True)):
+        pws = [PackedWeight(config, (n, 576), torch.float16, config.encode(torch.randn(n, 576, generator=g) / 24)).cuda()
+               for n in sizes]  # fmt: skip
+        codes, consts = [p.codes for p in pws], [[p.scale, p.minimum] for p in pws]
+        outs = D.quant_linear_group(x, codes, consts, "int4g32", 576, pair, norm_weight=nw, eps=1e-5)
+        refs = D.quant_linear_group_ref(x, codes, consts, "int4g32", 576, pair, norm_weight=nw, eps=1e-5)
+        truths = D.quant_linear_group_ref(x.double(), codes, consts, "int4g32", 576, pair, norm_weight=nw.double(), eps=1e-5)
+        for out, ref, truth in zip(outs, refs, truths):
+            close_to_truth(out, ref, truth, f"group sizes={sizes} pair={pair}")
+
+
 def _backend_registered() -> None:
     """``backend="decomp"`` without ``pip install`` (the entry point is missing in a bare checkout)."""
     from torch._dynamo.backends.registry import lookup_backend, register_backend
