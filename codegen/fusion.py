@@ -376,9 +376,11 @@ def group_siblings(gm: fx.GraphModule) -> list[Grouped]:
     grouped: dict[fx.Node, Grouped] = {}  # group call -> record
     for node in list(gm.graph.nodes):
         key = _sibling_key(node)
-        if key is None or not node.args[8].startswith("silu,mul") or not node.args[9]:
+        if key is None:
             continue
         steps, aux = node.args[8].split(","), list(node.args[9])
+        if steps[:2] != ["silu", "mul"] or not aux:
+            continue
         up = aux[0]
         if not isinstance(up, fx.Node) or _sibling_key(up) != key or up.args[8] != "" or up.args[9] or len(up.users) != 1:
             continue
@@ -494,13 +496,14 @@ def _fold_norms(gm: fx.GraphModule, grouped: dict[fx.Node, Grouped]) -> None:
             continue
         h, weight, eps = found
         node.args = (h, *node.args[1:8], weight, eps)
-        chain = [x]
+        chain, erased = [x], set()
         while chain:  # the norm's nodes, now unused, from the output back
             n = chain.pop()
-            if n.users or n is h or n is weight:
+            if n.users or n in erased or n is h or n is weight:
                 continue
             chain += list(n.all_input_nodes)
             gm.graph.erase_node(n)
+            erased.add(n)
         record.norm = True
 
 
