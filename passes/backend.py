@@ -63,6 +63,8 @@ OPTION_KEYS: dict[str, str] = {
     "example_inputs": "inputs to plan with (default: calibration[0], else the first call's arguments)",
     "progress": "show progress bars while planning (default False)",
     "inductor": "dict of inductor config patches, passed to torch._inductor.compile_fx",
+    "group_siblings": "bool, default True: at decode sizes, sibling quantized linears (q/k/v; gate·up) run as one kernel "
+    "with the RMSNorm before them folded in (codegen.fusion.group_siblings)",
 }
 
 _PLANNING_KEYS = ("target_memory", "target_latency", "calibration", "transforms", "device", "time_limit_s")
@@ -140,6 +142,8 @@ def _check_options(options: Any) -> dict[str, Any]:
     inductor = options.get("inductor", {})
     if not isinstance(inductor, Mapping):
         raise BackendError(f"options['inductor'] must be a dict of inductor config patches, got {inductor!r}")
+    if not isinstance(options.get("group_siblings", True), bool):
+        raise BackendError(f"options['group_siblings'] must be True or False, got {options['group_siblings']!r}")
     return dict(options)
 
 
@@ -470,5 +474,5 @@ def decomp_backend(
     from codegen.fusion import fuse_epilogues, should_fuse  # light: triton only when a kernel runs
 
     if should_fuse(example_inputs):  # CUDA inputs: rewritten linears + their elementwise tails → one kernel
-        fuse_epilogues(gm)
+        fuse_epilogues(gm, group=opts.get("group_siblings", True))
     return _inductor(gm, example_inputs, mode, opts.get("inductor", {}))

@@ -290,13 +290,21 @@ def bench_e2e(device, layers: int | None = None, steps: int = 64, rows: str = "a
         d = _guard(f"e2e dense {label}", _decode_timer, dense, dense_kw, 32, steps, device) if rows == "all" else None
         torch._dynamo.reset()
         q = _guard(f"e2e int4 {label}", _decode_timer, optimized, ours_kw, 32, steps, device)
-        for name, res, kw, base in (("dense fp16", d, dense_kw, None), ("int4 g32 layers", q, ours_kw, d)):
+        results = [("dense fp16", d, dense_kw, None), ("int4 g32 layers", q, ours_kw, d)]
+        if cuda and ours_kw is not None and not _late("e2e ungrouped"):
+            # the same without sibling grouping / norm folding (mode= and options= do not combine:
+            # reduce-overhead is inductor's triton.cudagraphs patch)
+            ungrouped_kw = {"backend": "decomp", "options": {"group_siblings": False, "inductor": {"triton.cudagraphs": True}}}
+            torch._dynamo.reset()
+            u = _guard(f"e2e int4 ungrouped {label}", _decode_timer, optimized, ungrouped_kw, 32, steps, device)
+            results.append(("int4 g32 layers, siblings not grouped", u, ungrouped_kw, d))
+        for name, res, kw, base in results:
             if res is None:
                 continue
             how = label if kw is None else f"{label} (backend={kw['backend']})"
             ratio = f"{base[0] / res[0]:.2f}×" if base else "1.00×" if name == "dense fp16" else "—"
             _print_row(name, how, f"{res[0] * 1e3:.2f}", f"{1 / res[0]:.0f}", ratio, f"{res[1]:.1f}",
                        f"{mb['dense' if base is None else 'int4']:.1f}")  # fmt: skip
-        for name, res in (("dense fp16", d), ("int4 g32 layers", q)):
+        for name, res, _, _ in results:
             if res is not None:
                 print(f"  one step of {name}, {label}: {res[3]}", flush=True)

@@ -110,7 +110,7 @@ def test_backend_fuses_and_matches_eager(device, monkeypatch):
     (the interpreter on CPU) and the result equals eager."""
     reports = []
     real = codegen.fusion.fuse_epilogues
-    monkeypatch.setattr(codegen.fusion, "fuse_epilogues", lambda gm: reports.append(real(gm)) or reports[-1])
+    monkeypatch.setattr(codegen.fusion, "fuse_epilogues", lambda gm, **kw: reports.append(real(gm, **kw)) or reports[-1])
     torch.manual_seed(0)
     model = SwiGLUBlock().eval().to(device)
     x = torch.randn(3, 48, device=device)
@@ -130,7 +130,7 @@ def test_backend_plan_runners_are_lowered_to_the_operators(device, monkeypatch, 
     """Planning inside the compile: the backend's replacement calls become decomp ops, fused."""
     reports = []
     real = codegen.fusion.fuse_epilogues
-    monkeypatch.setattr(codegen.fusion, "fuse_epilogues", lambda gm: reports.append(real(gm)) or reports[-1])
+    monkeypatch.setattr(codegen.fusion, "fuse_epilogues", lambda gm, **kw: reports.append(real(gm, **kw)) or reports[-1])
     plan = passes.Plan({"fc1.weight": passes.LowRankConfig(8, False), "fc2.weight": passes.LowRankConfig(8, False)})
     mlp = mlp.to(device)
     x = torch.randn(6, 48, device=device)
@@ -196,3 +196,22 @@ def test_siblings_stay_apart_beyond_decode_rows(device):
     with torch.no_grad():
         _, (_, report, gm) = _compile_fused(lambda ids: model(input_ids=ids).logits, x)
     assert report.grouped == [] and _count(gm, "decomp.quant_linear_group") == 0
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_backend_option_group_siblings(device, monkeypatch, group):
+    """``options={"group_siblings": False}`` keeps every quantized linear its own launch (the
+    benchmark's side-by-side row); the default groups them."""
+    from transformers import StaticCache
+
+    reports = []
+    real = codegen.fusion.fuse_epilogues
+    monkeypatch.setattr(codegen.fusion, "fuse_epilogues", lambda gm, **kw: reports.append(real(gm, **kw)) or reports[-1])
+    model, cfg = _int4_llama(device, layers=1)
+    cache = StaticCache(config=cfg, max_cache_len=8)
+    step = {"input_ids": torch.tensor([[3]], device=device), "cache_position": torch.tensor([0], device=device)}
+    torch._dynamo.reset()
+    with torch.no_grad(), dispatch.force_kernels():
+        options = None if group else {"group_siblings": False}
+        torch.compile(model, backend="decomp", options=options)(**step, past_key_values=cache, use_cache=True)
+    assert len(reports) == 1 and len(reports[0].grouped) == (2 if group else 0)

@@ -316,6 +316,7 @@ def test_misspelled_option_lists_the_valid_keys():
         ({"target_memory": 0.5, "plan": Plan({})}, "either 'plan'"),
         ({"target_memory": 0.5, "inductor": 3}, "inductor config patches"),
         ({"target_memory": 7.0}, "target_memory must be"),
+        ({"group_siblings": "no"}, "must be True or False"),
     ],
 )
 def test_bad_options(options, match):
