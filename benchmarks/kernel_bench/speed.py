@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from .common import _bench, _buffers, _cold, _format, _late, _nbytes, _packed, _print_row, _row, _tuned_config
 
-__all__ = ["GEMM_SHAPES", "GEMV_FORMATS", "GEMV_SHAPES", "LOWRANK_SHAPES", "MONARCH_ROWS", "MONARCH_SHAPES",
-           "bench_dequant", "bench_lowrank", "bench_monarch"]  # fmt: skip
+__all__ = ["GEMM_SHAPES", "GEMV_FORMATS", "GEMV_SHAPES", "LANDSCAPE_FORMATS", "LANDSCAPE_SHAPE", "LOWRANK_SHAPES",
+           "MONARCH_ROWS", "MONARCH_SHAPES", "bench_dequant", "bench_lowrank", "bench_monarch"]  # fmt: skip
 
 # The benchmarked shapes (module-level so a smoke test can shrink them).
 # The benchmarked shapes (module-level so a smoke test can shrink them).
@@ -132,6 +132,7 @@ def bench_dequant(device, dtype):
         D.GEMV_MAX_M = 0
         print(f"\nthe tensor-core path was faster in {sum(tc_wins)}/{len(tc_wins)} int4 rows: the rest of this run "
               "(end to end included) decodes on it (GEMV_MAX_M = 0)")  # fmt: skip
+    _gemv_landscape(device, dtype, make_dense, make_quant)
     print("\n### Dequant-GEMM at prefill vs the fp16 dense matmul (CUDA graph, cold weights)\n")
     _print_row("M × in → out", "format", "fp16 F.linear", "kernel", "speedup")
     _print_row(*["---"] * 5)
@@ -141,6 +142,44 @@ def bench_dequant(device, dtype):
         dense = _cold(functools.partial(make_dense, m=m, n=n, k=k))
         ours = _cold(functools.partial(make_quant, m=m, n=n, k=k, spec="int4g128"))
         _print_row(f"{m} × {k} → {n}", "int4g128", f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{dense / ours:.2f}×")
+
+
+#: (out, in) and formats of the per-config GEMV table (every tuning config timed alone).
+LANDSCAPE_SHAPE = (4096, 4096)
+LANDSCAPE_FORMATS = ["int4g32", "int8"]
+
+
+def _gemv_landscape(device, dtype, make_dense, make_quant):
+    """Every GEMV tuning config timed alone (what the tuner chose among), so a run says which
+    variant — tiles, loop stages, prefetched constants, conversion-free decode — moves the time;
+    the int8 rows share the int4 rows' conversion count per code with twice the bytes."""
+    import dataclasses
+
+    from codegen.kernels import dequant as D
+
+    n, k = LANDSCAPE_SHAPE
+    configs = D.GEMV_CONFIGS if torch.cuda.is_available() else D.GEMV_CONFIGS[:2]
+    print(f"\n### Dequant-GEMV tuning configs, each alone, 1 × {k} → {n} (CUDA graph, cold weights)\n")
+    _print_row("format", "config", "kernel", "vs fp16 F.linear", "HBM GB/s")
+    _print_row(*["---"] * 5)
+    dense = _cold(functools.partial(make_dense, m=1, n=n, k=k))
+    built = D.gemv_kernel()
+    raw = getattr(built.fn, "fn", built.fn)  # the jitted function under triton.autotune
+    saved = D._kernel
+    try:
+        for spec in LANDSCAPE_FORMATS:
+            pw, _ = _packed(_format(spec), n, k, dtype, device)
+            packed_bytes = _nbytes(*pw.buffers())
+            for config in configs:
+                if _late("GEMV configs"):
+                    return
+                one = dataclasses.replace(built, fn=raw, configs=(config,), wrapped=False)
+                D._kernel = lambda path, ep, one=one: one if path is True else saved(path, ep)
+                ms = _cold(functools.partial(make_quant, m=1, n=n, k=k, spec=spec))
+                label = " ".join(f"{key}{v}" for key, v in config.items() if key != "num_stages")
+                _print_row(spec, label, f"{ms * 1e3:.1f} µs", f"{dense / ms:.2f}×", f"{packed_bytes / (ms * 1e-3) / 1e9:.0f}")
+    finally:
+        D._kernel = saved
 
 
 def bench_monarch(device, dtype):

@@ -226,7 +226,11 @@ def _gemv_rows(x_ptr, codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask,
             xk = xk.to(tl.float32)
             q = tl.load(codes_ptr + offs_n[:, None] * row_bytes + offs_k[None, :],
                         mask=n_mask[:, None] & (offs_k < row_bytes)[None, :], other=0, eviction_policy="evict_first")
-            part += q.to(tl.float32) * xk[None, :]
+            if MAGIC:  # q + 128 (the byte with its top bit flipped) in the low mantissa bits of 2^23: no conversion
+                u = q.to(tl.uint8, bitcast=True).to(tl.int32)
+                part += ((u ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0) * xk[None, :]
+            else:
+                part += q.to(tl.float32) * xk[None, :]
         else:
             # x as (groups, columns), the shape the products broadcast it to
             offs_k3 = k0 + tl.arange(0, BK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
@@ -419,6 +423,14 @@ def ${KERNEL}("""
 #:   stream at full speed — consistent with the ~1.2 TB/s measured. 4–8 KB per iteration, 72–79
 #:   registers a thread and no spills (sm_90, ``kernels_aot.py``; 60 for the default).
 #:
+#: - The per-code cost, from the SASS (``kernels_aot.py``): the default int4 loop is 221 instructions a
+#:   thread for 32 codes, 32 of them ``I2FP`` conversions, which sm_90 runs at 16 a clock per SM
+#:   (an eighth of the FMA rate): ~4.5 µs of conversion throughput alone at 4096 × 4096. int8 has the
+#:   same 32 conversions per 32 codes in a 143-instruction loop and took the same 8.8 µs with twice
+#:   the bytes (run 5) — what a conversion-bound loop would do. The last two configs are ``MAGIC``
+#:   without loop pipelining (no ``I2F``: 253 instructions, all full rate), and int8 takes ``MAGIC``
+#:   too, so the next run tests that reading directly.
+#:
 #: The first five were measured on the H100 (runs 4–5); the others not yet.
 GEMV_CONFIGS = (
     {"BN": 8, "BK": 512, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 1},
@@ -436,6 +448,8 @@ GEMV_CONFIGS = (
     {"BN": 8, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 1},
     {"BN": 8, "BK": 2048, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 8, "num_stages": 1},
     {"BN": 16, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": True, "num_warps": 8, "num_stages": 1},
+    {"BN": 8, "BK": 512, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": True, "num_warps": 4, "num_stages": 1},
+    {"BN": 4, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": True, "num_warps": 4, "num_stages": 1},
 )
 
 #: GEMM tuning space: tensor-core tiles up to 128×128 (BK = 128 or 256, multiples of every group

@@ -26,6 +26,7 @@ def test_benchmark_sections_run_at_tiny_sizes(device, capsys, monkeypatch):
         "LOWRANK_SHAPES": [(3, 40, 24, 8), (1, 24, 40, 4), (260, 24, 40, 4), (256, 512, 40, 8)],  # t given; t split
         "GEMV_SHAPES": [(24, 64)],
         "GEMV_FORMATS": ["int4g32", "int8"],
+        "LANDSCAPE_SHAPE": (24, 64),
         "GEMM_SHAPES": [(20, 24, 64)],
         "MONARCH_SHAPES": [(64, 8), (256, 16)],  # per-block stage 1; blocked (+ the one-launch prefill column)
         "MONARCH_ROWS": (1, 17),
@@ -49,9 +50,10 @@ def test_benchmark_sections_run_at_tiny_sizes(device, capsys, monkeypatch):
     bench.bench_decode_proxy(device, dtype, 2, kernel_variants=True)
     out = capsys.readouterr().out
     assert common.FAILURES == []
-    for heading in ("Fused low-rank", "Dequant-GEMV", "Dequant-GEMM", "Monarch", "Decode proxy"):
+    for heading in ("Fused low-rank", "Dequant-GEMV", "tuning configs, each alone", "Dequant-GEMM", "Monarch", "Decode proxy"):
         assert heading in out
     assert "kernel + fused epilogues" in out and "gate·up one SwiGLU kernel" in out and out.count("×") > 8
+    assert sum(line.startswith(("| int4g32 | BN", "| int8 | BN")) for line in out.splitlines()) == 4  # 2 configs × 2 formats
     assert "(2 slices)" in out  # the split-K first product timed beside cuBLAS
     prefill = [line for line in out.splitlines() if line.startswith("| 17 × 64 |")]
     assert len(prefill) == 1 and prefill[0].count("µs") == 5  # Monarch two-stage row: + stage 1 timed alone

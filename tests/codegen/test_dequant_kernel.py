@@ -87,7 +87,9 @@ def test_long_rows_accumulate_over_several_k_steps(device, close_to_truth, confi
 
 
 @pytest.mark.parametrize("gemv_config", D.GEMV_CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-@pytest.mark.parametrize("config", [IntNConfig(4, 32), IntNConfig(3, 64, True), NF4Config(64)], ids=lambda c: c.describe())
+@pytest.mark.parametrize(
+    "config", [Int8Config(), IntNConfig(4, 32), IntNConfig(3, 64, True), NF4Config(64)], ids=lambda c: c.describe()
+)
 def test_every_gemv_tuning_config(device, close_to_truth, monkeypatch, config, gemv_config):
     """Each config the tuner may pick (tile sizes, loop stages, constants prefetched or not) computes
     the same GEMV; 1100 columns make several K steps and a ragged last one."""
