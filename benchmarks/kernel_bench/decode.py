@@ -304,7 +304,7 @@ def bench_e2e(device, layers: int | None = None, steps: int = 64, rows: str = "a
             how = label if kw is None else f"{label} (backend={kw['backend']})"
             ratio = f"{base[0] / res[0]:.2f}×" if base else "1.00×" if name == "dense fp16" else "—"
             _print_row(name, how, f"{res[0] * 1e3:.2f}", f"{1 / res[0]:.0f}", ratio, f"{res[1]:.1f}",
-                       f"{mb['dense' if base is None else 'int4']:.1f}")  # fmt: skip
+                       f"{mb['dense' if name == 'dense fp16' else 'int4']:.1f}")  # fmt: skip
         for name, res, _, _ in results:
             if res is not None:
                 print(f"  one step of {name}, {label}: {res[3]}", flush=True)
