@@ -14,10 +14,11 @@ fusion.fuse_epilogues(gm)          # linear → bias → SiLU/GELU → ·gate �
 - ``codegen.ops``: the ``decomp::*`` operators (``torch.library.triton_op``), CUDA → kernel,
   CPU → interpreter (``TRITON_INTERPRET=1``) or reference.
 - ``codegen.dispatch``: when modules use the operators (light; ``passes`` imports it).
-- ``codegen.fusion``: the FX pass matching rewritten linears and their elementwise tails, and
-  grouping sibling quantized linears (``decomp::quant_linear_group``).
+- ``codegen.fusion``: the FX pass matching rewritten linears and their elementwise tails.
+- ``codegen.siblings``: its last step, sibling quantized linears as one ``decomp::quant_linear_group``
+  launch with the RMSNorm before them folded in.
 
 Importing ``codegen`` (or ``dispatch``/``fusion``) imports neither triton nor the operators.
 """
 
-__all__ = ["dispatch", "fusion", "template"]
+__all__ = ["dispatch", "fusion", "siblings", "template"]

@@ -64,7 +64,7 @@ OPTION_KEYS: dict[str, str] = {
     "progress": "show progress bars while planning (default False)",
     "inductor": "dict of inductor config patches, passed to torch._inductor.compile_fx",
     "group_siblings": "bool, default True: at decode sizes, sibling quantized linears (q/k/v; gate·up) run as one kernel "
-    "with the RMSNorm before them folded in (codegen.fusion.group_siblings)",
+    "with the RMSNorm before them folded in (codegen.siblings.group_siblings)",
 }
 
 _PLANNING_KEYS = ("target_memory", "target_latency", "calibration", "transforms", "device", "time_limit_s")

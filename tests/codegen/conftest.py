@@ -62,3 +62,41 @@ def assert_close_to_truth(out: torch.Tensor, ref_same_dtype: torch.Tensor, truth
 def close_to_truth():
     """:func:`assert_close_to_truth` as a fixture (test modules here do not import each other)."""
     return assert_close_to_truth
+
+
+def _count_calls(gm, name: str) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and name in str(n.target))
+
+
+def _compile_fused(model, x):
+    """Run ``model`` compiled by a backend that fuses the dynamo graph (``fuse_epilogues``, sibling
+    grouping included) and runs it as it is: under forced kernels the graph calls the decomp ops,
+    on CPU in the interpreter. ``x``: the input, or a dict of keyword inputs. Returns
+    ``(output, (decomp op counts before fusion, FusionReport, graph))``."""
+    from codegen import dispatch
+    from codegen.fusion import fuse_epilogues
+
+    seen = []
+
+    def backend(gm, example_inputs):
+        ops_before = {name: _count_calls(gm, name) for name in ("decomp.lowrank_linear", "decomp.quant_linear")}
+        seen.append((ops_before, fuse_epilogues(gm), gm))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad(), dispatch.force_kernels():
+        compiled = torch.compile(model, backend=backend, fullgraph=True)
+        out = compiled(**x) if isinstance(x, dict) else compiled(x)
+    return out, seen[0]
+
+
+@pytest.fixture
+def compile_fused():
+    """:func:`_compile_fused`: compile through the fusion pass, return the output and what it did."""
+    return _compile_fused
+
+
+@pytest.fixture
+def count_calls():
+    """Number of ``call_function`` nodes of a graph whose target's name contains a string."""
+    return _count_calls
