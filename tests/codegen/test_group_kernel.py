@@ -136,3 +136,14 @@ def test_dispatch_over_packed_weights(device):
         for out, m in zip(outs, mods):
             torch.testing.assert_close(out, m(x), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(pair, torch.nn.functional.silu(mods[1](x)) * mods[2](x), rtol=1e-4, atol=1e-4)
+
+
+def test_empty_and_strided_inputs(device):
+    codes, constants, spec = _weights(IntNConfig(4, 32), (16, 8), 64, torch.float32, device)
+    empty = D.quant_linear_group(torch.zeros(0, 64, device=device), codes, constants, spec, 64, False)
+    assert [tuple(o.shape) for o in empty] == [(0, 16), (0, 8)]
+    wide = torch.randn(2, 128, generator=torch.Generator().manual_seed(4)).to(device)
+    x = wide[:, ::2]  # a strided view: copied to rows before the launch
+    for out, ref in zip(D.quant_linear_group(x, codes, constants, spec, 64, False),
+                        D.quant_linear_group_ref(x, codes, constants, spec, 64, False)):  # fmt: skip
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)  # fp32: per-group sums vs one matmul
