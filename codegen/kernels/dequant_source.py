@@ -231,6 +231,26 @@ def _gemv_rows(x_ptr, codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask,
                 part += ((u ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0) * xk[None, :]
             else:
                 part += q.to(tl.float32) * xk[None, :]
+        elif BITS == 4 and KIND == 0 and MAGIC == 2 and not ACC3:
+            # nibble planes: each (row, group)'s GROUP/2 bytes as loaded; the low nibble of byte j is
+            # column 2j, the high nibble column 2j+1, which is 16·q in the magic float, so its x is
+            # taken /16 (exact). One LOP3 per nibble into 2^23's mantissa, no shift, no interleave.
+            offs_g = tl.arange(0, BK // GROUP)
+            offs_j = tl.arange(0, GROUP // 2)
+            byte = (k0 // 2) + offs_g[:, None] * (GROUP // 2) + offs_j[None, :]
+            b = tl.load(codes_ptr + offs_n[:, None, None] * row_bytes + byte[None, :, :],
+                        mask=n_mask[:, None, None] & (byte < row_bytes)[None, :, :], other=0,
+                        eviction_policy="evict_first").to(tl.int32)
+            col = k0 + offs_g[:, None, None] * GROUP + 2 * offs_j[None, :, None] + tl.arange(0, 2)[None, None, :]
+            xp = tl.load(x_ptr + m * stride_xm + col, mask=col < K, other=0.0)
+            if NORM:
+                xp = _rms_x(xp, nw_ptr, col, col < K, rstd)
+            xe, xo = tl.split(xp.to(tl.float32))
+            lo = ((b & 0x0F) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            hi = ((b & 0xF0) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            dot = tl.sum(lo * xe[None, :, :] + hi * (xo * 0.0625)[None, :, :], axis=2)
+            s, mn = _group_constants(c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0, n_groups, KIND, GROUP, DQ, BK)
+            part += dot * s.to(tl.float32) + mn.to(tl.float32) * tl.sum(xe + xo, axis=1)[None, :]
         else:
             # x as (groups, columns), the shape the products broadcast it to
             offs_k3 = k0 + tl.arange(0, BK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
@@ -429,7 +449,11 @@ def ${KERNEL}("""
 #:   same 32 conversions per 32 codes in a 143-instruction loop and took the same 8.8 µs with twice
 #:   the bytes (run 5) — what a conversion-bound loop would do. The last two configs are ``MAGIC``
 #:   without loop pipelining (no ``I2F``: 253 instructions, all full rate), and int8 takes ``MAGIC``
-#:   too, so the next run tests that reading directly.
+#:   too, so the next run tests that reading directly. ``MAGIC = 2`` (int4 asymmetric; others read
+#:   it as ``MAGIC``): nibble planes — each (row, group)'s bytes as loaded, the low nibble against
+#:   x's even columns, the high one (``b & 0xF0``: 16·q in the magic float) against the odd columns
+#:   /16, one LOP3 per nibble, no shift or interleave — 232 instructions and 6 barriers a loop
+#:   instead of 253 and 10.
 #:
 #: The first five were measured on the H100 (runs 4–5); the others not yet.
 GEMV_CONFIGS = (
@@ -450,6 +474,7 @@ GEMV_CONFIGS = (
     {"BN": 16, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": True, "num_warps": 8, "num_stages": 1},
     {"BN": 8, "BK": 512, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": True, "num_warps": 4, "num_stages": 1},
     {"BN": 4, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": True, "num_warps": 4, "num_stages": 1},
+    {"BN": 8, "BK": 512, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": 2, "num_warps": 4, "num_stages": 1},
 )
 
 #: GEMM tuning space: tensor-core tiles up to 128×128 (BK = 128 or 256, multiples of every group

@@ -147,3 +147,18 @@ def test_empty_and_strided_inputs(device):
     for out, ref in zip(D.quant_linear_group(x, codes, constants, spec, 64, False),
                         D.quant_linear_group_ref(x, codes, constants, spec, 64, False)):  # fmt: skip
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)  # fp32: per-group sums vs one matmul
+
+
+@pytest.mark.parametrize("gemv_config", D.GEMV_CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_every_tuning_config_with_the_norm(device, close_to_truth, monkeypatch, gemv_config):
+    """The grouped kernel under each config the tuner may pick (the GEMV's loop variants, the norm
+    folded in), q/k/v and the pair, 1100 columns: several K steps and a ragged last one."""
+    if device == "cuda":
+        pytest.skip("the GPU tunes over these configs itself; the interpreter runs one at a time")
+    import dataclasses
+
+    kernel = dataclasses.replace(D.gemv_group_kernel(), configs=(gemv_config,))
+    real = D._kernel
+    monkeypatch.setattr(D, "_kernel", lambda path, ep: kernel if path == "group" else real(path, ep))
+    _check(device, close_to_truth, IntNConfig(4, 32), torch.float16, (24, 8, 8), 1, False, norm=True, inn=1100)
+    _check(device, close_to_truth, IntNConfig(4, 32), torch.float16, (16, 16), 2, True, norm=True, inn=1100)
