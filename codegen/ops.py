@@ -11,7 +11,7 @@ implementations come from the bodies themselves (``triton_op`` traces them with 
 |---|---|---|
 | ``decomp::lowrank_linear(x, down, up, bias, epilogue, aux)`` | ``ep((x·downᵀ)·upᵀ + b)`` | ``LowRankLinear`` |
 | ``decomp::quant_linear(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux)`` | ``ep(x·deq(W)ᵀ [+ (x·downᵀ)·upᵀ] + b)`` | ``QuantizedLinear``, ``LQLinear`` |
-| ``decomp::quant_linear_group(x, codes[], constants[], fmt, cols, pair, epilogue, aux, norm_weight, eps)`` | ``[ep(silu(x'·W₀ᵀ)·(x'·W₁ᵀ))]`` or ``[x'·W₀ᵀ, x'·W₁ᵀ, …]``, x' = x or its RMSNorm | sibling ``QuantizedLinear``s (``codegen.fusion``) |
+| ``decomp::quant_linear_group(x, codes[], constants[], fmt, cols, pair, epilogue, aux, norm_weight, eps)`` | ``[ep(silu(x'·W₀ᵀ)·(x'·W₁ᵀ))]`` or ``[x'·W₀ᵀ, x'·W₁ᵀ, …]``, x' = x or its RMSNorm | sibling ``QuantizedLinear``s (``codegen.siblings``) |
 | ``decomp::monarch_linear(x, L, R, out_features, bias, epilogue, aux)`` | ``ep(monarch(x) + b)`` | ``MonarchLinear`` |
 
 ``epilogue`` is a :class:`codegen.template.Epilogue` spec (``""``, ``"silu,mul"``, ...); ``aux``

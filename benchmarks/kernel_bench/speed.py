@@ -174,7 +174,7 @@ def _gemv_landscape(device, dtype, make_dense, make_quant):
                 if _late("GEMV configs"):
                     return
                 one = dataclasses.replace(built, fn=raw, configs=(config,), wrapped=False)
-                D._kernel = lambda path, ep, one=one: one if path is True else saved(path, ep)
+                D._kernel = lambda builder, ep, one=one: one if builder is D.gemv_kernel else saved(builder, ep)
                 ms = _cold(functools.partial(make_quant, m=1, n=n, k=k, spec=spec))
                 label = " ".join(f"{key}{v}" for key, v in config.items() if key != "num_stages")
                 _print_row(spec, label, f"{ms * 1e3:.1f} µs", f"{dense / ms:.2f}×", f"{packed_bytes / (ms * 1e-3) / 1e9:.0f}")

@@ -319,7 +319,7 @@ def quant_linear(
         HAS_LR=down is not None, R_PAD=next_pow2(max(16, r)), **dot_flags(x.dtype),
     )  # fmt: skip
     gemv = m <= GEMV_MAX_M
-    kernel = _kernel(gemv, ep)
+    kernel = _kernel(gemv_kernel if gemv else gemm_kernel, ep)
     if gemv:
         grid = lambda meta: (-(-n // meta["BN"]), m)
     else:
@@ -380,7 +380,8 @@ def quant_linear_group(
             return [quant_linear(x, codes[0], constants[0], fmt, cols, epilogue=steps, aux=[up, *aux], wrap=wrap)]
         return [quant_linear(x, c, k, fmt, cols, wrap=wrap) for c, k in zip(codes, constants)]
     eager = type(x) is torch.Tensor
-    outs = [torch.empty((m, s), dtype=x.dtype, device=x.device) for s in sizes[: 1 if pair else 3]]
+    out_sizes = sizes[:1] if pair else sizes  # the pair stores one output
+    outs = [torch.empty((m, s), dtype=x.dtype, device=x.device) for s in out_sizes]
     auxs = aux_rows(aux, ep, (*x.shape[:-1], sizes[0]), x.device, m, sizes[0])
     if m > 0:
         weights = []
@@ -393,9 +394,8 @@ def quant_linear_group(
                 codes[0].shape[1], groups.pop(), x2.stride(0), float(eps), shape_class(m))  # fmt: skip
         meta = {"KIND": f.kind, "BITS": f.bits, "GROUP": max(f.group, 1), "DQ": f.dq, "HAS_BIAS": False, "W": len(codes),
                 "PAIR": pair, "NORM": norm_weight is not None}  # fmt: skip
-        blocks = sizes[:1] if pair else sizes
-        grid = lambda meta: (sum(-(-s // meta["BN"]) for s in blocks), m)
-        _kernel("group", ep).launch(grid, *args, wrap=None if eager else wrap, **meta)
+        grid = lambda meta: (sum(-(-s // meta["BN"]) for s in out_sizes), m)
+        _kernel(gemv_group_kernel, ep).launch(grid, *args, wrap=None if eager else wrap, **meta)
     return [o.view(*x.shape[:-1], o.shape[1]) for o in outs]
 
 
@@ -408,15 +408,13 @@ def _constant_slots(f: QuantFormat, constants, like, eager: bool) -> list:
 
 
 _KERNELS: dict[tuple, object] = {}
-_BUILDERS = {True: gemv_kernel, False: gemm_kernel, "group": gemv_group_kernel}
 
 
-def _kernel(path, ep: Epilogue):
-    """The built kernel, cached per (path — True GEMV, False GEMM, "group" —, epilogue, tuning
-    switch): no rebuild lookups per launch."""
-    key = (path, ep, os.environ.get("DECOMP_AUTOTUNE", "1"))
+def _kernel(builder, ep: Epilogue):
+    """``builder(ep)`` (:func:`gemv_kernel`, :func:`gemm_kernel` or :func:`gemv_group_kernel`),
+    cached per (builder, epilogue, tuning switch): no rebuild lookups per launch."""
+    key = (builder, ep, os.environ.get("DECOMP_AUTOTUNE", "1"))
     k = _KERNELS.get(key)
     if k is None:
-        k = _BUILDERS[path](ep)
-        _KERNELS[key] = k
+        k = _KERNELS[key] = builder(ep)
     return k

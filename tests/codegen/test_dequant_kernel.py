@@ -98,7 +98,7 @@ def test_every_gemv_tuning_config(device, close_to_truth, monkeypatch, config, g
     import dataclasses
 
     kernel = dataclasses.replace(D.gemv_kernel(), configs=(gemv_config,))
-    monkeypatch.setattr(D, "_kernel", lambda gemv, ep: kernel if gemv else D.gemm_kernel(ep))
+    monkeypatch.setattr(D, "_kernel", lambda builder, ep: kernel if builder is D.gemv_kernel else builder(ep))
     inn = 1100
     pw = _packed(config, 24, inn, torch.float16, device)
     codes, constants, spec = _buffers(pw)

@@ -159,6 +159,6 @@ def test_every_tuning_config_with_the_norm(device, close_to_truth, monkeypatch, 
 
     kernel = dataclasses.replace(D.gemv_group_kernel(), configs=(gemv_config,))
     real = D._kernel
-    monkeypatch.setattr(D, "_kernel", lambda path, ep: kernel if path == "group" else real(path, ep))
+    monkeypatch.setattr(D, "_kernel", lambda builder, ep: kernel if builder is D.gemv_group_kernel else real(builder, ep))
     _check(device, close_to_truth, IntNConfig(4, 32), torch.float16, (24, 8, 8), 1, False, norm=True, inn=1100)
     _check(device, close_to_truth, IntNConfig(4, 32), torch.float16, (16, 16), 2, True, norm=True, inn=1100)
