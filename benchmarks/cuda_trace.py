@@ -54,12 +54,32 @@ class _Sm90:
         return 0
 
 
+def _incompatible(gm: torch.fx.GraphModule):
+    """Inductor's first CUDA-graph-incompatible node (``get_first_incompatible_cudagraph_node``).
+
+    Before torch 2.13 that function fails on a user kernel's functional node (its value is a
+    dict of output tensors), which inductor itself only meets after reinplacing it (value None):
+    there the same two checks run on the node's tensors."""
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node, is_cudagraph_unsafe_fx_node
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    try:
+        return get_first_incompatible_cudagraph_node(gm)
+    except AssertionError:
+        pass
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        values = list(val.values()) if isinstance(val, dict) else [val] if val is not None else []
+        if is_cudagraph_unsafe_fx_node(node) or any(free_unbacked_symbols(v) for v in values):
+            return node
+    return None
+
+
 def _inspect(report: list):
     """An AOT forward compiler recording what inductor would receive; the graph returns zeros."""
 
     def compiler(gm: torch.fx.GraphModule, example_inputs):
         from torch._guards import TracingContext
-        from torch._inductor.utils import get_first_incompatible_cudagraph_node
 
         context = TracingContext.try_get()
         static = set(context.fw_metadata.static_input_indices) if context and context.fw_metadata else set()
@@ -69,7 +89,7 @@ def _inspect(report: list):
             "kernels": len(kernels),
             "cloned": sorted({name for n in kernels for name in n.kwargs.get("tensors_to_clone", [])}),
             "rms_norms_left": sum(1 for n in gm.graph.nodes if n.op == "call_function" and "rsqrt" in str(n.target)),
-            "cudagraph_incompatible": None if (bad := get_first_incompatible_cudagraph_node(gm)) is None else bad.format_node(),
+            "cudagraph_incompatible": None if (bad := _incompatible(gm)) is None else bad.format_node(),
             "non_static_inputs": [
                 f"{n.name} {tuple(n.meta['val'].shape)}" for i, n in enumerate(placeholders)
                 if isinstance(n.meta.get("val"), torch.Tensor) and i not in static
