@@ -154,7 +154,11 @@ def trace(layers: int = 2) -> dict:
         (codegen.ops._on_gpu, lowrank._processors, driver._active, passes.backend._inductor,
          codegen.fusion.fuse_epilogues) = saved  # fmt: skip
         torch._dynamo.reset()
-    return {"layers": layers, "graph_breaks": sum(counters["graph_break"].values()), "fusion": fusion, "graphs": graphs}
+    from codegen import analysis_cache
+
+    analyses = analysis_cache.stats()
+    return {"layers": layers, "graph_breaks": sum(counters["graph_break"].values()), "fusion": fusion, "graphs": graphs,
+            "kernel_analyses": analyses["misses"], "kernel_analyses_memoized": analyses["hits"]}  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -170,6 +174,7 @@ def main(argv=None) -> int:
     print(f"graph breaks: {result['graph_breaks']}; graphs: {len(result['graphs'])}")
     for line in result["fusion"]:
         print(f"fusion: {line}")
+    print(f"kernel write analyses (TTIR): {result['kernel_analyses']} run, {result['kernel_analyses_memoized']} memoized")
     for i, g in enumerate(result["graphs"]):
         print(f"graph {i}: {g['kernels']} Triton kernels ({g['kernels'] / args.layers:.1f} per layer), "
               f"{g['rms_norms_left']} RMSNorm(s) left to inductor; buffers cloned for kernels: {g['cloned']}")  # fmt: skip

@@ -14,6 +14,9 @@ implementations come from the bodies themselves (``triton_op`` traces them with 
 | ``decomp::quant_linear_group(x, codes[], constants[], fmt, cols, pair, epilogue, aux, norm_weight, eps)`` | ``[ep(silu(x'·W₀ᵀ)·(x'·W₁ᵀ))]`` or ``[x'·W₀ᵀ, x'·W₁ᵀ, …]``, x' = x or its RMSNorm | sibling ``QuantizedLinear``s (``codegen.siblings``) |
 | ``decomp::monarch_linear(x, L, R, out_features, bias, epilogue, aux)`` | ``ep(monarch(x) + b)`` | ``MonarchLinear`` |
 
+Importing it also memoizes torch.compile's per-call analysis of what each of our kernels writes
+(:mod:`codegen.analysis_cache`).
+
 ``epilogue`` is a :class:`codegen.template.Epilogue` spec (``""``, ``"silu,mul"``, ...); ``aux``
 its output-shaped operands. No autograd: callers take the torch path when gradients are needed.
 
@@ -27,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from codegen import analysis_cache
 from codegen.kernels import dequant as _dequant
 from codegen.kernels import lowrank as _lowrank
 from codegen.kernels import monarch as _monarch
@@ -225,3 +229,7 @@ OPS = (
     torch.ops.decomp.quant_linear_group.default,
     torch.ops.decomp.monarch_linear.default,
 )
+
+# torch.compile analyses every call of these operators' kernels for what it writes; ours once per
+# kernel and signature (codegen.analysis_cache)
+analysis_cache.install()

@@ -45,6 +45,7 @@ __all__ = [
     "Kernel",
     "autotuning",
     "build",
+    "built_kernel_ids",
     "cache_dir",
     "interpreting",
     "shape_class",
@@ -281,3 +282,8 @@ def build(template: str, name: str, epilogue: Epilogue, configs: tuple[dict, ...
     kernel = Kernel(fn, source, path, tuple(configs), not interpret)
     _BUILT[cache_key] = kernel
     return kernel
+
+
+def built_kernel_ids() -> set[int]:
+    """``id`` of every launchable object :func:`build` made (``Kernel.fn``; all kept alive by the cache)."""
+    return {id(k.fn) for k in _BUILT.values()}
