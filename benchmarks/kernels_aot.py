@@ -7,6 +7,13 @@ cubin with its bundled ``ptxas``; this catches what Triton's CPU interpreter can
     python benchmarks/kernels_aot.py             # sm_90, every template × formats × tuning configs
     python benchmarks/kernels_aot.py --arch 80 --quick
     python benchmarks/kernels_aot.py --quick --sass "dequant gemv"   # + loop instruction counts (SASS)
+    python benchmarks/kernels_aot.py --launch    # the operators' own launches, through Triton's JIT
+
+The default mode compiles each template from a signature written here (every pointer typed);
+``--launch`` calls the operators' launch code itself on CPU tensors with a stand-in for the CUDA
+driver (the target is sm_90, kernels compile for real, the final C launch does nothing): the
+arguments, Triton's specialization of them (None pointers become constexprs, 16-divisible sizes
+are marked) and the default config are exactly what a GPU run compiles.
 
 Prints one line per variant (shared memory bytes; with ``--sass``, registers and spills too) and a
 summary; exits non-zero if any variant fails to compile or needs more shared memory than the
@@ -83,7 +90,9 @@ def variants(quick: bool):
             for e in (Epilogue(), ep) if dt == "fp16" else (Epilogue(),):
                 consts = {"HAS_BIAS": True, "IEEE": dt == "fp32", "UPCAST": False, "R_PAD": r_pad}
                 configs = lowrank.CONFIGS if full else lowrank.CONFIGS[:1]
-                out.append((f"lowrank {dt} r_pad={r_pad} ep={e.spec or '-'}", lowrank.kernel(e), {"default": TY[dt]}, consts, configs))
+                out.append(
+                    (f"lowrank {dt} r_pad={r_pad} ep={e.spec or '-'}", lowrank.kernel(e), {"default": TY[dt]}, consts, configs)
+                )
         flags = {"IEEE": dt == "fp32", "UPCAST": False}
         out.append((f"lowrank split-k down {dt}", lowrank.down_kernel(), {"default": TY[dt], "part_ptr": "*fp32"}, flags,
                     lowrank.DOWN_CONFIGS if full else lowrank.DOWN_CONFIGS[:1]))  # fmt: skip
@@ -113,7 +122,9 @@ def variants(quick: bool):
                     ("gemv", dequant.gemv_kernel(ep if has_lr else Epilogue()), dequant.GEMV_CONFIGS),
                     ("gemm", dequant.gemm_kernel(ep if has_lr else Epilogue()), dequant.GEMM_CONFIGS),
                 ):
-                    out.append((f"dequant {label} {fmt} {dt} lr={has_lr}", kern, pointers, consts, configs if full else configs[:1]))
+                    out.append(
+                        (f"dequant {label} {fmt} {dt} lr={has_lr}", kern, pointers, consts, configs if full else configs[:1])
+                    )
             if fmt in ("int8", "int4g32", "nf4g64dq"):  # the grouped GEMV: q/k/v outputs, the SwiGLU pair
                 group_pointers = {"default": TY[dt]}
                 for w in range(3):
@@ -195,6 +206,151 @@ def loop_stats(cubin: bytes) -> dict | None:
     }
 
 
+class _StubUtils:
+    def __init__(self, arch: int):
+        self.arch = arch
+
+    def load_binary(self, name, kernel, shared, device):
+        return (1, 1, 64, 0, 1024)  # module, function, registers, spills, max threads
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": SHARED_LIMIT.get(self.arch, 99 * 1024), "multiprocessor_count": 132}
+
+
+class _StubDriver:
+    """What Triton's JIT asks of the active driver to compile and launch, for an ``arch`` GPU that
+    is not there: kernels compile for it, and a launch records its kernel name instead of running."""
+
+    def __init__(self, arch: int):
+        self.arch = arch
+        self.utils = _StubUtils(arch)
+        self.launched: list[str] = []
+
+    def launcher_cls(self, src, metadata):
+        name = getattr(getattr(src, "fn", None), "__name__", "?")
+        return lambda *args, **kwargs: self.launched.append(name)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", self.arch, 32)
+
+
+def launch_cases():
+    """(label, call) for each launch path of the operators, on CPU tensors (values do not matter)."""
+    import torch
+
+    from codegen.kernels import dequant, lowrank, monarch
+    from passes.quant_storage import Int8Config, IntNConfig, NF4Config, PackedWeight
+
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for config in (Int8Config(), IntNConfig(4, 32), IntNConfig(3, 64, double_quant=True), NF4Config(64, double_quant=True)):
+        f = dequant.QuantFormat.of(config)
+        for dt in (torch.float16, torch.bfloat16, torch.float32) if f.spec == "int4g32" else (torch.float16,):
+            w = PackedWeight(config, (192, 256), dt, config.encode(torch.randn(192, 256, generator=g)))
+            codes, consts = w.codes, [getattr(w, n) for n in f.constant_names()]
+            down, up = torch.randn(16, 256).to(dt), torch.randn(192, 16).to(dt)
+            bias = torch.randn(192).to(dt)
+            for m in (1, 64):
+                x = torch.randn(m, 256).to(dt)
+                path = "gemv" if m <= dequant.GEMV_MAX_M else "gemm"
+                cases.append(
+                    (
+                        f"quant_linear {path} {f.spec} {dt}",
+                        lambda x=x, c=codes, k=consts, s=f.spec: dequant.quant_linear(x, c, k, s, 256),
+                    )
+                )
+                cases.append(
+                    (
+                        f"quant_linear {path} {f.spec} {dt} bias+lowrank+silu,mul",
+                        lambda x=x, c=codes, k=consts, s=f.spec, b=bias, d=down, u=up: dequant.quant_linear(
+                            x, c, k, s, 256, b, d, u, "silu,mul", [torch.empty(x.shape[0], 192, dtype=x.dtype)]
+                        ),
+                    )
+                )
+            x = torch.randn(1, 256).to(dt)
+            nw = torch.randn(256).to(dt)
+            cases.append(
+                (
+                    f"quant_linear_group q/k/v {f.spec} {dt}",
+                    lambda x=x, c=codes, k=consts, s=f.spec: dequant.quant_linear_group(x, [c] * 3, [k] * 3, s, 256, False),
+                )
+            )
+            cases.append(
+                (
+                    f"quant_linear_group pair+norm {f.spec} {dt}",
+                    lambda x=x, c=codes, k=consts, s=f.spec, nw=nw: dequant.quant_linear_group(
+                        x, [c] * 2, [k] * 2, s, 256, True, norm_weight=nw, eps=1e-5
+                    ),
+                )
+            )
+    for dt in (torch.float16, torch.float32):
+        down, up = torch.randn(64, 512).to(dt), torch.randn(384, 64).to(dt)
+        for m in (1, 512):
+            x = torch.randn(m, 512).to(dt)
+            cases.append((f"lowrank_linear m={m} {dt}", lambda x=x, d=down, u=up: lowrank.lowrank_linear(x, d, u)))
+            cases.append(
+                (
+                    f"lowrank_linear m={m} {dt} bias+gelu",
+                    lambda x=x, d=down, u=up: lowrank.lowrank_linear(x, d, u, torch.zeros(384, dtype=x.dtype), "gelu"),
+                )
+            )
+        b = 16
+        L, R = torch.randn(b, 32, b).to(dt), torch.randn(b, b, 32).to(dt)
+        for m, fused in ((1, None), (256, False), (256, True)):
+            x = torch.randn(m, 512).to(dt)
+            cases.append(
+                (
+                    f"monarch_linear m={m} fused={fused} {dt}",
+                    lambda x=x, L=L, R=R, f=fused: monarch.monarch_linear(x, L, R, 512, fused=f),
+                )
+            )
+            cases.append(
+                (
+                    f"monarch_linear m={m} fused={fused} {dt} bias",
+                    lambda x=x, L=L, R=R, f=fused: monarch.monarch_linear(x, L, R, 512, torch.zeros(512, dtype=x.dtype), fused=f),
+                )
+            )
+    return cases
+
+
+def launch_check(arch: int) -> int:
+    """Run every :func:`launch_cases` launch through Triton's JIT for ``arch`` (stand-in driver)."""
+    from triton.runtime import driver
+
+    from codegen.kernels import lowrank
+
+    stub = _StubDriver(arch)
+    saved = driver._active, lowrank._processors
+    driver.set_active(stub)
+    lowrank._processors = lambda device: 132
+    failures, start = [], time.time()
+    try:
+        cases = launch_cases()
+        for label, call in cases:
+            before = len(stub.launched)
+            try:
+                call()
+            except Exception as e:  # noqa: BLE001 — report every failing launch, then fail
+                failures.append(label)
+                print(f"FAIL  {label}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+                continue
+            print(f"ok    {label}: {', '.join(stub.launched[before:])}", flush=True)
+    finally:
+        driver._active, lowrank._processors = saved
+    print(
+        f"\n{len(cases) - len(failures)}/{len(cases)} operator launches compiled for sm_{arch} through the JIT in {time.time() - start:.0f} s"
+    )
+    return 1 if failures else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability × 10 (90 = H100, 80 = A100)")
@@ -202,7 +358,11 @@ def main(argv=None) -> int:
     parser.add_argument("--sass", default="", metavar="LABEL",
                         help="also print the SASS loop statistics of the variants whose label starts with LABEL, "
                              "e.g. 'dequant gemv int4g32 fp16' (per thread and iteration)")  # fmt: skip
+    parser.add_argument("--launch", action="store_true",
+                        help="compile the operators' own launches through Triton's JIT (stand-in driver)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.launch:
+        return launch_check(args.arch)
     limit = SHARED_LIMIT.get(args.arch, 99 * 1024)
     failures, n, start = [], 0, time.time()
     for label, kernel, pointers, consts, configs in variants(args.quick):

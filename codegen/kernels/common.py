@@ -13,6 +13,7 @@ __all__ = [
     "DOT_HELPER",
     "FLOAT_DTYPES",
     "ROW_TAIL",
+    "UNUSED",
     "KernelError",
     "aux_rows",
     "check_float",
@@ -21,7 +22,6 @@ __all__ = [
     "parse_epilogue",
     "rows_of",
     "tile_tail",
-    "unused_pointer",
 ]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -108,24 +108,13 @@ def aux_rows(aux, epilogue: Epilogue, out_shape: tuple[int, ...], device, m: int
     return out
 
 
-_SHARED_UNUSED: dict[tuple, torch.Tensor] = {}
-
-
-def unused_pointer(like: torch.Tensor, shared: bool = False) -> torch.Tensor:
-    """A one-element tensor for a pointer argument the kernel's constexprs compile out.
-
-    Its own allocation, not an alias of another argument: torch.compile's functionalization of
-    user kernels clones what a kernel stores to, and aliased arguments would muddle that.
-    ``shared`` (eager launches with real tensors only): one cached tensor per device and dtype,
-    which saves an allocation per slot and launch (kernels never read or write it).
-    """
-    if shared and type(like) is torch.Tensor:
-        key = (like.device, like.dtype)
-        t = _SHARED_UNUSED.get(key)
-        if t is None:
-            t = _SHARED_UNUSED[key] = torch.empty(1, dtype=like.dtype, device=like.device)
-        return t
-    return torch.empty(1, dtype=like.dtype, device=like.device)
+#: What a launch passes for a pointer argument the kernel's constexprs compile out (no bias, no
+#: low-rank term, a constant slot the format does not use, a group's missing third weight): None.
+#: Triton makes a None argument a constexpr, so the launcher neither reads a ``data_ptr`` nor asks
+#: the driver about the pointer (``cuPointerGetAttribute``, once per tensor argument and launch),
+#: and a traced graph holds no placeholder allocation for it. (Until 2026-11 every such slot got a
+#: one-element tensor: up to 12 per grouped launch, each a node and a buffer in compiled graphs.)
+UNUSED = None
 
 
 _EPILOGUES: dict[str, Epilogue] = {}

@@ -44,16 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from codegen.kernels.common import (
-    KernelError,
-    aux_rows,
-    check_float,
-    dot_flags,
-    next_pow2,
-    parse_epilogue,
-    rows_of,
-    unused_pointer,
-)
+from codegen.kernels.common import UNUSED, KernelError, aux_rows, check_float, dot_flags, next_pow2, parse_epilogue, rows_of
 from codegen.kernels.dequant_source import (
     CONSTANT_BLOCK,
     GEMM_CONFIGS,
@@ -306,12 +297,12 @@ def quant_linear(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.view(out_shape)
-    t = F.linear(x2, down).contiguous() if down is not None else unused_pointer(x, eager)
-    c = _constant_slots(f, constants, x, eager)
+    t = F.linear(x2, down).contiguous() if down is not None else UNUSED
+    c = _constant_slots(f, constants)
     row_bytes = codes.shape[1]
     args = (
-        x2, codes if codes.is_contiguous() else codes.contiguous(), *c, bias if bias is not None else unused_pointer(x, eager), t,
-        up.contiguous() if up is not None else unused_pointer(x, eager), out, *auxs,
+        x2, codes if codes.is_contiguous() else codes.contiguous(), *c, bias, t, up.contiguous() if up is not None else UNUSED,
+        out, *auxs,
         m, n, cols, r, row_bytes, n_groups, x2.stride(0), shape_class(m),
     )  # fmt: skip
     meta = dict(
@@ -386,11 +377,11 @@ def quant_linear_group(
     if m > 0:
         weights = []
         for c, k in zip(codes, constants):
-            weights += [c if c.is_contiguous() else c.contiguous(), *_constant_slots(f, k, x, eager)]
-        weights += [unused_pointer(x, eager) for _ in range(15 - len(weights))]
-        out_slots = outs + [unused_pointer(x, eager) for _ in range(3 - len(outs))]
-        nw = norm_weight.contiguous() if norm_weight is not None else unused_pointer(x, eager)
-        args = (x2, *weights, unused_pointer(x, eager), nw, *out_slots, *auxs, m, *sizes, *[0] * (3 - len(sizes)), cols,
+            weights += [c if c.is_contiguous() else c.contiguous(), *_constant_slots(f, k)]
+        weights += [UNUSED] * (15 - len(weights))
+        out_slots = outs + [UNUSED] * (3 - len(outs))
+        nw = norm_weight.contiguous() if norm_weight is not None else UNUSED
+        args = (x2, *weights, UNUSED, nw, *out_slots, *auxs, m, *sizes, *[0] * (3 - len(sizes)), cols,
                 codes[0].shape[1], groups.pop(), x2.stride(0), float(eps), shape_class(m))  # fmt: skip
         meta = {"KIND": f.kind, "BITS": f.bits, "GROUP": max(f.group, 1), "DQ": f.dq, "HAS_BIAS": False, "W": len(codes),
                 "PAIR": pair, "NORM": norm_weight is not None}  # fmt: skip
@@ -399,12 +390,12 @@ def quant_linear_group(
     return [o.view(*x.shape[:-1], o.shape[1]) for o in outs]
 
 
-def _constant_slots(f: QuantFormat, constants, like, eager: bool) -> list:
+def _constant_slots(f: QuantFormat, constants) -> list:
     """The four constant pointer slots of a kernel argument list: (values or codes, blocks) per
-    constant; the slots a format does not use get any valid pointer."""
+    constant; :data:`~codegen.kernels.common.UNUSED` in the slots a format does not use."""
     consts = [c if c.is_contiguous() else c.contiguous() for c in constants]
-    slots = consts if f.dq else [p for v in consts for p in (v, unused_pointer(like, eager))]
-    return slots + [unused_pointer(like, eager) for _ in range(4 - len(slots))]
+    slots = consts if f.dq else [p for v in consts for p in (v, UNUSED)]
+    return slots + [UNUSED] * (4 - len(slots))
 
 
 _KERNELS: dict[tuple, object] = {}

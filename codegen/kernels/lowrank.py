@@ -37,7 +37,6 @@ from codegen.kernels.common import (
     parse_epilogue,
     rows_of,
     tile_tail,
-    unused_pointer,
 )
 from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
 
@@ -298,7 +297,7 @@ def lowrank_linear(x, down, up, bias=None, epilogue: str = "", aux=(), *, wrap=N
         return (-(-m // meta["BM"]), min(meta["SPLIT"], n_tiles))
 
     kernel(ep).launch(
-        grid, x2, down, up, bias if bias is not None else unused_pointer(x, eager), out, *auxs,
+        grid, x2, down, up, bias, out, *auxs,
         m, n, k, r, x2.stride(0), shape_class(m),
         HAS_BIAS=bias is not None, R_PAD=next_pow2(max(16, r)), T_GIVEN=t_given, wrap=None if eager else wrap,
         **dot_flags(x.dtype),

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from codegen.kernels.common import (
     DOT_HELPER,
     ROW_TAIL,
+    UNUSED,
     KernelError,
     aux_rows,
     check_float,
@@ -50,7 +51,6 @@ from codegen.kernels.common import (
     next_pow2,
     rows_of,
     tile_tail,
-    unused_pointer,
 )
 from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
 
@@ -403,7 +403,7 @@ def monarch_linear(
     if m == 0:
         return out.view(out_shape)
     L, R = L.contiguous(), R.contiguous()
-    bias_arg = bias if bias is not None else unused_pointer(x)
+    bias_arg = bias if bias is not None else UNUSED
     bb, bp = next_pow2(b), next_pow2(p)
     if m <= GEMV_MAX_ROWS and bb * bp <= GEMV_MAX_TILE:
         gemv_kernel(ep).launch(
