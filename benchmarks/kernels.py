@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the kernel_bench sections beside this file
-from kernel_bench.checks import check_dequant, check_lowrank, check_modules_and_compile, check_monarch
+from kernel_bench.checks import check_blockdiag, check_dequant, check_lowrank, check_modules_and_compile, check_monarch
 from kernel_bench.common import BUDGET_S, FAILURES, START, _bench, _buffers, _format, _guard, _late, _packed, _print_row
 from kernel_bench.decode import bench_decode_proxy, bench_e2e
-from kernel_bench.speed import GEMV_FORMATS, bench_dequant, bench_lowrank, bench_monarch
+from kernel_bench.speed import GEMV_FORMATS, bench_blockdiag, bench_dequant, bench_lowrank, bench_monarch
 
 
 def main(argv=None) -> int:
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="correctness only (CUDA)")
     parser.add_argument("--e2e", action="store_true", help="also SmolLM2-shaped end-to-end decode (needs transformers)")
     parser.add_argument("--budget-s", type=float, default=270.0, help="start no section or row past this many seconds")
-    parser.add_argument("--sections", default="lowrank,dequant,monarch,e2e,proxy",
+    parser.add_argument("--sections", default="lowrank,dequant,monarch,blockdiag,e2e,proxy",
                         help="speed sections to run, comma-separated (e2e also needs --e2e)")  # fmt: skip
     parser.add_argument("--e2e-rows", choices=("all", "ours-compiled"), default="all",
                         help="ours-compiled: only the compiled int4 model (short GPU sessions)")  # fmt: skip
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     print("\n## Correctness on CUDA (kernel vs eager torch, both against an fp64 evaluation)\n")
     blocks = ("int4g32",) if args.check else ("int4g32", "lowrank r64")
     for name, fn in (("lowrank", check_lowrank), ("dequant", check_dequant), ("monarch", check_monarch),
-                     ("modules + torch.compile", lambda d: check_modules_and_compile(d, blocks))):  # fmt: skip
+                     ("blockdiag", check_blockdiag), ("modules + torch.compile", lambda d: check_modules_and_compile(d, blocks))):  # fmt: skip
         _guard(name, fn, "cuda")
     print(f"\ncorrectness: {len(FAILURES)} failure(s), {time.time() - START:.0f} s so far", flush=True)
     if args.check:
@@ -97,7 +97,8 @@ def main(argv=None) -> int:
     sections = [("dequant", bench_dequant)]
     if args.e2e:
         sections.append(("e2e", lambda d, t: bench_e2e(d, rows=args.e2e_rows)))
-    sections += [("lowrank", bench_lowrank), ("monarch", bench_monarch), ("proxy", lambda d, t: bench_decode_proxy(d, t, 30))]
+    sections += [("lowrank", bench_lowrank), ("monarch", bench_monarch), ("blockdiag", bench_blockdiag),
+                 ("proxy", lambda d, t: bench_decode_proxy(d, t, 30))]  # fmt: skip
     for name, fn in sections:
         if name not in wanted or _late(name):
             continue
@@ -138,6 +139,12 @@ def bench_cpu_references():
     dense = _bench(lambda: F.linear(xm, wm))
     ours = _bench(lambda: MK.monarch_linear_ref(xm, L, R, n))
     _print_row(f"Monarch 512×{n}, b={b}", f"dense {dense:.2f} ms", f"two bmm + regroup {ours:.2f} ms", f"{dense / ours:.2f}×")
+    from passes.blockdiag import blockdiag_forward
+
+    blocks, perm = torch.randn(4, n // 4, n // 4), torch.randperm(n).int()
+    ours = _bench(lambda: blockdiag_forward(xm, blocks, n, perm, perm))
+    _print_row(f"block-diagonal 512×{n}, b=4, permuted", f"dense {dense:.2f} ms", f"gather + bmm + scatter {ours:.2f} ms",
+               f"{dense / ours:.2f}×")  # fmt: skip
     bench_decode_proxy("cpu", torch.float32, 4)
 
 

@@ -79,7 +79,7 @@ def _compile(kernel, pointers, constexprs, config, arch):
 
 def variants(quick: bool):
     """(label, kernel, pointer types, constexprs, configs) for every template and format we ship."""
-    from codegen.kernels import dequant, lowrank, monarch
+    from codegen.kernels import blockdiag, dequant, lowrank, monarch
     from codegen.template import Epilogue
 
     ep = Epilogue.parse("silu,mul")
@@ -139,6 +139,10 @@ def variants(quick: bool):
     for dt in ("fp16", "bf16", "fp32") if not quick else ("fp16",):
         full = dt == "fp16" and not quick
         flags = {"IEEE": dt == "fp32", "UPCAST": False}
+        for permuted in (True, False) if full else (True,):
+            out.append((f"blockdiag {dt} permuted={permuted}", blockdiag.kernel(ep), {"default": TY[dt], "in_index_ptr": "*i32",
+                        "out_pos_ptr": "*i32"}, {**flags, "HAS_BIAS": True, "GATHER": permuted, "SCATTER": permuted},
+                        blockdiag.CONFIGS if full else blockdiag.CONFIGS[:1]))  # fmt: skip
         out.append((f"monarch stage1 {dt}", monarch.stage1_kernel(), {"default": TY[dt]}, flags,
                     monarch.STAGE1_CONFIGS if full else monarch.STAGE1_CONFIGS[:1]))  # fmt: skip
         out.append((f"monarch stage2 {dt}", monarch.stage2_kernel(ep), {"default": TY[dt]}, {**flags, "HAS_BIAS": True},
@@ -246,7 +250,8 @@ def launch_cases():
     """(label, call) for each launch path of the operators, on CPU tensors (values do not matter)."""
     import torch
 
-    from codegen.kernels import dequant, lowrank, monarch
+    from codegen.kernels import blockdiag, dequant, lowrank, monarch
+    from passes.blockdiag import _output_positions
     from passes.quant_storage import Int8Config, IntNConfig, NF4Config, PackedWeight
 
     g = torch.Generator().manual_seed(0)
@@ -318,6 +323,15 @@ def launch_cases():
                     lambda x=x, L=L, R=R, f=fused: monarch.monarch_linear(x, L, R, 512, torch.zeros(512, dtype=x.dtype), fused=f),
                 )
             )
+        blocks = torch.randn(4, 100, 128).to(dt)
+        in_index, out_pos = torch.randperm(512).int(), _output_positions(torch.randperm(400)[:384].int(), 400)
+        for m in (1, 256):
+            x = torch.randn(m, 500).to(dt)
+            for perm in (False, True):
+                idx = (in_index, out_pos) if perm else (None, None)
+                cases.append((f"blockdiag_linear m={m} permuted={perm} {dt} bias+silu,mul",
+                              lambda x=x, w=blocks, i=idx: blockdiag.blockdiag_linear(x, w, 384, *i, torch.zeros(384, dtype=x.dtype),
+                                                                                  "silu,mul", [torch.empty(x.shape[0], 384, dtype=x.dtype)])))  # fmt: skip
     return cases
 
 

@@ -1,6 +1,6 @@
 """When the rewritten modules call the kernels, and the calls they make (light: no triton import).
 
-``passes`` modules (``LowRankLinear``, ``QuantizedLinear``, ``LQLinear``, ``MonarchLinear``)
+``passes`` modules (``LowRankLinear``, ``QuantizedLinear``, ``LQLinear``, ``MonarchLinear``, ``BlockDiagLinear``)
 ask :func:`use_kernels` in their ``forward``; when it says yes they call the ``decomp::*``
 operator through the helpers here, otherwise they keep their eager torch code (which is the
 kernels' reference, so both give the same results up to rounding order). Yes means:
@@ -25,6 +25,7 @@ import os
 import torch
 
 __all__ = [
+    "blockdiag_linear",
     "force_kernels",
     "kernel_args",
     "lowrank_linear",
@@ -143,6 +144,14 @@ def kernel_args(config, in_features: int) -> tuple[str, tuple[str, ...], int]:
 
     fmt = QuantFormat.of(config)
     return fmt.spec, fmt.constant_names(), in_features
+
+
+def blockdiag_linear(
+    x, blocks, out_features: int, in_index=None, out_pos=None, bias=None, epilogue: str = "", aux=()
+) -> torch.Tensor:
+    """``decomp::blockdiag_linear``: ``epilogue(blockdiag(x) + bias)`` with the input permutation
+    ``in_index`` and the output positions ``out_pos`` (``in_index``/``out_index`` inverted) fused."""
+    return _ops().blockdiag_linear(x, blocks, out_features, in_index, out_pos, bias, epilogue, list(aux))
 
 
 def monarch_linear(x, L, R, out_features: int, bias=None, epilogue: str = "", aux=()) -> torch.Tensor:

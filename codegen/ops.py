@@ -13,6 +13,7 @@ implementations come from the bodies themselves (``triton_op`` traces them with 
 | ``decomp::quant_linear(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux)`` | ``ep(x·deq(W)ᵀ [+ (x·downᵀ)·upᵀ] + b)`` | ``QuantizedLinear``, ``LQLinear`` |
 | ``decomp::quant_linear_group(x, codes[], constants[], fmt, cols, pair, epilogue, aux, norm_weight, eps)`` | ``[ep(silu(x'·W₀ᵀ)·(x'·W₁ᵀ))]`` or ``[x'·W₀ᵀ, x'·W₁ᵀ, …]``, x' = x or its RMSNorm | sibling ``QuantizedLinear``s (``codegen.siblings``) |
 | ``decomp::monarch_linear(x, L, R, out_features, bias, epilogue, aux)`` | ``ep(monarch(x) + b)`` | ``MonarchLinear`` |
+| ``decomp::blockdiag_linear(x, blocks, out_features, in_index, out_pos, bias, epilogue, aux)`` | ``ep(blockdiag(x) + b)``, permutations fused | ``BlockDiagLinear`` |
 
 Importing it also memoizes torch.compile's per-call analysis of what each of our kernels writes
 (:mod:`codegen.analysis_cache`).
@@ -31,11 +32,20 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from codegen import analysis_cache
+from codegen.kernels import blockdiag as _blockdiag
 from codegen.kernels import dequant as _dequant
 from codegen.kernels import lowrank as _lowrank
 from codegen.kernels import monarch as _monarch
 
-__all__ = ["OPS", "interpreter_active", "lowrank_linear", "monarch_linear", "quant_linear", "quant_linear_group"]
+__all__ = [
+    "OPS",
+    "blockdiag_linear",
+    "interpreter_active",
+    "lowrank_linear",
+    "monarch_linear",
+    "quant_linear",
+    "quant_linear_group",
+]
 
 
 def interpreter_active() -> bool:
@@ -222,12 +232,42 @@ def monarch_linear(
     return torch.ops.decomp.monarch_linear_host(x, L, R, out_features, bias, epilogue, aux)
 
 
+# ---- block-diagonal ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("decomp::blockdiag_linear_host", mutates_args=())
+def _blockdiag_host(
+    x: Tensor, blocks: Tensor, out_features: int, in_index: Tensor | None, out_pos: Tensor | None, bias: Tensor | None,
+    epilogue: str, aux: list[Tensor],
+) -> Tensor:  # fmt: skip
+    if interpreter_active():
+        return _blockdiag.blockdiag_linear(x, blocks, out_features, in_index, out_pos, bias, epilogue, aux)
+    return _blockdiag.blockdiag_linear_ref(x, blocks, out_features, in_index, out_pos, bias, epilogue, aux)
+
+
+@_blockdiag_host.register_fake
+def _(x, blocks, out_features, in_index, out_pos, bias, epilogue, aux):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@triton_op("decomp::blockdiag_linear", mutates_args=())
+def blockdiag_linear(
+    x: Tensor, blocks: Tensor, out_features: int, in_index: Tensor | None, out_pos: Tensor | None, bias: Tensor | None,
+    epilogue: str, aux: list[Tensor],
+) -> Tensor:  # fmt: skip
+    """``epilogue(blockdiag(x) + bias)``, permutations fused; see :func:`codegen.kernels.blockdiag.blockdiag_linear`."""
+    if _on_gpu(x):
+        return _blockdiag.blockdiag_linear(x, blocks, out_features, in_index, out_pos, bias, epilogue, aux, wrap=wrap_triton)
+    return torch.ops.decomp.blockdiag_linear_host(x, blocks, out_features, in_index, out_pos, bias, epilogue, aux)
+
+
 #: The operators the fusion pass emits (and an exporter would need translations for).
 OPS = (
     torch.ops.decomp.lowrank_linear.default,
     torch.ops.decomp.quant_linear.default,
     torch.ops.decomp.quant_linear_group.default,
     torch.ops.decomp.monarch_linear.default,
+    torch.ops.decomp.blockdiag_linear.default,
 )
 
 # torch.compile analyses every call of these operators' kernels for what it writes; ours once per

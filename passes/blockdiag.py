@@ -35,15 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from codegen import dispatch
 from cost_model import MatmulCost
 from passes.config import TransformConfig, register_config
-from passes.structured_base import (
-    FactorSpec,
-    Fit,
-    Problem,
-    StructuredTransform,
-    single_threaded,
-)
+from passes.structured_base import FactorSpec, Fit, Problem, StructuredTransform, single_threaded
 from passes.transform import register_transform
 
 __all__ = [
@@ -127,6 +122,18 @@ def blockdiag_forward(
     return y.contiguous().reshape(*lead, out_features)
 
 
+def _output_positions(out_index: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """``out_index`` (output → block row) inverted: ``(rows,)`` int32 output column of each block
+    row, −1 for block rows that are no output; None for contiguous rows. An index not yet loaded
+    (``passes.load`` builds modules on uninitialised buffers, then loads them) gives all −1."""
+    if out_index is None:
+        return None
+    pos = torch.full((rows,), -1, dtype=torch.int32, device=out_index.device)
+    if out_index.device.type != "meta" and out_index.numel() and (out_index.min() >= 0) & (out_index.max() < rows):
+        pos[out_index.long()] = torch.arange(out_index.numel(), dtype=torch.int32, device=out_index.device)
+    return pos
+
+
 def blockdiag_dense(
     blocks: torch.Tensor,
     out_features: int,
@@ -167,9 +174,18 @@ class BlockDiagLinear(nn.Module):
         self.in_features = in_features
         self.register_buffer("in_index", in_index)
         self.register_buffer("out_index", out_index)
+        # out_index inverted (block row -> output column, -1: padding), what the kernel stores through;
+        # derived, so not saved (recomputed after a state_dict load)
+        self.register_buffer("out_pos", _output_positions(out_index, b * s), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if dispatch.use_kernels(x, self.blocks, self.bias):
+            return dispatch.blockdiag_linear(x, self.blocks, self.out_features, self.in_index, self.out_pos, self.bias)
         return blockdiag_forward(x, self.blocks, self.out_features, self.in_index, self.out_index, self.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self._buffers["out_pos"] = _output_positions(self.out_index, self.blocks.shape[0] * self.blocks.shape[1])
 
     def dense(self) -> torch.Tensor:
         """The materialised (out × in) weight."""
@@ -284,7 +300,9 @@ def _fit(problem: Problem, config: BlockDiagConfig) -> Fit:
         wc_g = torch.stack([(wg[g] @ cov[:, cols[g]]) for g in range(b)])  # W_g C[:, g]: (b, s, p)
         ridge = 1e-12 * cgg.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-300)
         with single_threaded():
-            blocks = torch.linalg.solve(cgg + ridge[:, None, None] * torch.eye(p, dtype=w.dtype), wc_g.transpose(1, 2)).transpose(1, 2)
+            blocks = torch.linalg.solve(cgg + ridge[:, None, None] * torch.eye(p, dtype=w.dtype), wc_g.transpose(1, 2)).transpose(
+                1, 2
+            )
         # tr(WC_fWᵀ) − 2⟨W', WC_f⟩ + Σ_g tr(B_g C_gg B_gᵀ), then the ridge's δ‖Δ‖² taken off
         quad = (blocks * (blocks @ cgg)).sum().item()
         fit = max(0.0, (problem.w * problem.fit_wc).sum().item() - 2 * (blocks * wc_g).sum().item() + quad)
@@ -302,7 +320,9 @@ def _fit(problem: Problem, config: BlockDiagConfig) -> Fit:
 
 def _check(config: BlockDiagConfig, out: int, inn: int) -> None:
     if config.nblocks > min(out, inn):
-        raise ValueError(f"nblocks={config.nblocks} exceeds the smaller side of the {out}×{inn} weight; use at most {min(out, inn)}")
+        raise ValueError(
+            f"nblocks={config.nblocks} exceeds the smaller side of the {out}×{inn} weight; use at most {min(out, inn)}"
+        )
 
 
 #: The most blocks offered (1/32 of the weight; the greedy co-clustering costs ~rows·b steps).

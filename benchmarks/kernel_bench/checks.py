@@ -95,6 +95,29 @@ def check_monarch(device):
             _verdict(f"monarch {str(dtype)[6:]} {m}x{inn}->{out} b={b} k={k}", y, ref, truth)
 
 
+def check_blockdiag(device):
+    from codegen.kernels import blockdiag as K
+    from passes.blockdiag import _output_positions
+
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for m, inn, out, b in ((1, 4096, 4096, 4), (300, 1000, 700, 8)):
+            p, s = -(-inn // b), -(-out // b)
+            blocks, x, bias = (
+                torch.randn(b, s, p, generator=g) / p**0.5,
+                torch.randn(m, inn, generator=g),
+                torch.randn(out, generator=g),
+            )
+            in_index = torch.randperm(b * p, generator=g).int().to(device)
+            out_pos = _output_positions(torch.randperm(b * s, generator=g)[:out].int(), b * s).to(device)
+            args = [t.to(device, dtype) for t in (x, blocks)]
+            y = K.blockdiag_linear(*args, out, in_index, out_pos, bias.to(device, dtype))
+            ref = K.blockdiag_linear_ref(*args, out, in_index, out_pos, bias.to(device, dtype))
+            truth = K.blockdiag_linear_ref(*[t.to(device, torch.float64) for t in (x, blocks)], out, in_index, out_pos,
+                                           bias.to(device, torch.float64))  # fmt: skip
+            _verdict(f"blockdiag {str(dtype)[6:]} {m}x{inn}->{out} b={b}", y, ref, truth)
+
+
 def _swiglu_block(d, hidden, device, dtype, rank=None, spec="int4g32"):
     """x + down(silu(gate(x)) * up(x)) with rewritten projections (low-rank when ``rank``, else quantized)."""
     from torch import nn

@@ -25,6 +25,9 @@ GEMM_SHAPES = [(512, 4096, 4096), (512, 1536, 576)]
 #: (n, blocks) and row counts of the Monarch rows.
 MONARCH_SHAPES = [(4096, 64), (8192, 64)]
 MONARCH_ROWS = (1, 512, 4096)
+#: Block-diagonal: (n, blocks) — a quarter and an eighth of the weight — at decode and prefill rows.
+BLOCKDIAG_SHAPES = [(4096, 4), (4096, 8)]
+BLOCKDIAG_ROWS = (1, 512, 4096)
 
 
 def bench_lowrank(device, dtype):
@@ -237,3 +240,40 @@ def bench_monarch(device, dtype):
             ratio = dense / ours
             _print_row(f"{m} × {n}", f"{b}, 1", f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{ratio:.2f}×", "≥ 3×",
                        "yes" if ratio >= 3 else "no", f"{ref * 1e3:.1f} µs", f"{eager * 1e3:.1f} µs", first, tuned, fused)  # fmt: skip
+
+
+def bench_blockdiag(device, dtype):
+    from codegen.kernels import blockdiag as K
+    from passes.blockdiag import _output_positions, blockdiag_forward
+
+    print(
+        "\n### Block-diagonal, permuted (one launch, permutations fused) vs dense and vs the torch path (CUDA graph, cold operands)\n"
+    )
+    _print_row("M × n", "blocks", "dense F.linear", "kernel", "vs dense", "torch path (gather, bmm, scatter)", "vs torch path",
+               "tuned")  # fmt: skip
+    _print_row(*["---"] * 8)
+    for n, b in BLOCKDIAG_SHAPES:
+        p = n // b
+        for m in BLOCKDIAG_ROWS:
+            if _late("block-diagonal"):
+                return
+
+            def make_dense(i, m=m, n=n):
+                x, w = (torch.randn(m, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype))
+                return (lambda: F.linear(x, w)), _nbytes(x, w)
+
+            def make(i, fn, m=m, n=n, b=b, p=p):
+                x, blocks = (
+                    torch.randn(m, n, device=device, dtype=dtype),
+                    torch.randn(b, p, p, device=device, dtype=dtype) / p**0.5,
+                )
+                in_index = torch.randperm(n, device=device).int()
+                out_index = torch.randperm(n, device=device).int()
+                index = (in_index, _output_positions(out_index, n)) if fn is K.blockdiag_linear else (in_index, out_index)
+                return (lambda: fn(x, blocks, n, *index)), _nbytes(x, blocks) + m * n * x.element_size()
+
+            dense = _cold(make_dense)
+            ours = _cold(functools.partial(make, fn=K.blockdiag_linear))
+            ref = _cold(functools.partial(make, fn=blockdiag_forward))
+            _print_row(f"{m} × {n}", b, f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{dense / ours:.2f}×",
+                       f"{ref * 1e3:.1f} µs", f"{ref / ours:.2f}×", _tuned_config(K.kernel()))  # fmt: skip

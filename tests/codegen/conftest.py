@@ -79,7 +79,8 @@ def _compile_fused(model, x):
     seen = []
 
     def backend(gm, example_inputs):
-        ops_before = {name: _count_calls(gm, name) for name in ("decomp.lowrank_linear", "decomp.quant_linear")}
+        names = (f"decomp.{op}_linear" for op in ("lowrank", "quant", "monarch", "blockdiag"))
+        ops_before = {name: n for name in names if (n := _count_calls(gm, name))}  # the operators present
         seen.append((ops_before, fuse_epilogues(gm), gm))
         return gm.forward
 
