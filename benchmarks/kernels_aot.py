@@ -79,7 +79,7 @@ def _compile(kernel, pointers, constexprs, config, arch):
 
 def variants(quick: bool):
     """(label, kernel, pointer types, constexprs, configs) for every template and format we ship."""
-    from codegen.kernels import blockdiag, dequant, lowrank, monarch
+    from codegen.kernels import blockdiag, dequant, int8_outlier, lowrank, monarch
     from codegen.template import Epilogue
 
     ep = Epilogue.parse("silu,mul")
@@ -139,6 +139,9 @@ def variants(quick: bool):
     for dt in ("fp16", "bf16", "fp32") if not quick else ("fp16",):
         full = dt == "fp16" and not quick
         flags = {"IEEE": dt == "fp32", "UPCAST": False}
+        out.append((f"int8 outlier {dt}", int8_outlier.kernel(ep.parse("add")), {"default": TY[dt], "codes_ptr": "*i8",
+                    "scale_ptr": "*fp16", "index_ptr": "*i64", "outl_ptr": "*i32", "outw_ptr": "*fp16"},
+                    {"HAS_OUTLIERS": True, "HAS_BIAS": True}, int8_outlier.CONFIGS if full else int8_outlier.CONFIGS[:1]))  # fmt: skip
         for permuted in (True, False) if full else (True,):
             out.append((f"blockdiag {dt} permuted={permuted}", blockdiag.kernel(ep), {"default": TY[dt], "in_index_ptr": "*i32",
                         "out_pos_ptr": "*i32"}, {**flags, "HAS_BIAS": True, "GATHER": permuted, "SCATTER": permuted},
@@ -250,8 +253,9 @@ def launch_cases():
     """(label, call) for each launch path of the operators, on CPU tensors (values do not matter)."""
     import torch
 
-    from codegen.kernels import blockdiag, dequant, lowrank, monarch
+    from codegen.kernels import blockdiag, dequant, int8_outlier, lowrank, monarch
     from passes.blockdiag import _output_positions
+    from passes.int8_outlier import Int8OutlierConfig, Int8OutlierWeight
     from passes.quant_storage import Int8Config, IntNConfig, NF4Config, PackedWeight
 
     g = torch.Generator().manual_seed(0)
@@ -323,6 +327,18 @@ def launch_cases():
                     lambda x=x, L=L, R=R, f=fused: monarch.monarch_linear(x, L, R, 512, torch.zeros(512, dtype=x.dtype), fused=f),
                 )
             )
+        config = Int8OutlierConfig()
+        pw = Int8OutlierWeight(config, (384, 500), dt, config.encode(torch.randn(384, 500, generator=g), torch.tensor([3, 77])))
+        bufs = (pw.codes, pw.scale, pw.input_index, pw.outlier_columns, pw.outlier_weight)
+        for m in (1, 256):
+            x = torch.randn(m, 500).to(dt)
+            cases.append((f"int8_outlier_linear m={m} {dt}", lambda x=x, b=bufs: int8_outlier.int8_outlier_linear(x, *b)))
+            cases.append((f"int8_outlier_linear m={m} {dt} bias+add", lambda x=x, b=bufs: int8_outlier.int8_outlier_linear(
+                x, *b, torch.zeros(384, dtype=x.dtype), "add", [torch.empty(x.shape[0], 384, dtype=x.dtype)])))  # fmt: skip
+        nobufs = (pw.codes, pw.scale, pw.input_index, pw.outlier_columns[:0], pw.outlier_weight[:, :0])
+        cases.append(
+            (f"int8_outlier_linear m=1 {dt} no outliers", lambda x=x, b=nobufs: int8_outlier.int8_outlier_linear(x[:1], *b))
+        )
         blocks = torch.randn(4, 100, 128).to(dt)
         in_index, out_pos = torch.randperm(512).int(), _output_positions(torch.randperm(400)[:384].int(), 400)
         for m in (1, 256):

@@ -1,6 +1,7 @@
 """When the rewritten modules call the kernels, and the calls they make (light: no triton import).
 
-``passes`` modules (``LowRankLinear``, ``QuantizedLinear``, ``LQLinear``, ``MonarchLinear``, ``BlockDiagLinear``)
+``passes`` modules (``LowRankLinear``, ``QuantizedLinear``, ``LQLinear``, ``MonarchLinear``, ``BlockDiagLinear``,
+``Int8OutlierLinear``)
 ask :func:`use_kernels` in their ``forward``; when it says yes they call the ``decomp::*``
 operator through the helpers here, otherwise they keep their eager torch code (which is the
 kernels' reference, so both give the same results up to rounding order). Yes means:
@@ -27,6 +28,7 @@ import torch
 __all__ = [
     "blockdiag_linear",
     "force_kernels",
+    "int8_outlier_linear",
     "kernel_args",
     "lowrank_linear",
     "monarch_linear",
@@ -152,6 +154,15 @@ def blockdiag_linear(
     """``decomp::blockdiag_linear``: ``epilogue(blockdiag(x) + bias)`` with the input permutation
     ``in_index`` and the output positions ``out_pos`` (``in_index``/``out_index`` inverted) fused."""
     return _ops().blockdiag_linear(x, blocks, out_features, in_index, out_pos, bias, epilogue, list(aux))
+
+
+def int8_outlier_linear(x, packed, bias=None, epilogue: str = "", aux=()) -> torch.Tensor:
+    """``decomp::int8_outlier_linear`` over an ``Int8OutlierWeight``'s buffers: LLM.int8()'s per-token
+    int8 product plus the fp16 outlier columns, ``epilogue(... + bias)``."""
+    b = packed._buffers
+    return _ops().int8_outlier_linear(
+        x, b["codes"], b["scale"], b["input_index"], b["outlier_columns"], b["outlier_weight"], bias, epilogue, list(aux)
+    )
 
 
 def monarch_linear(x, L, R, out_features: int, bias=None, epilogue: str = "", aux=()) -> torch.Tensor:

@@ -7,7 +7,7 @@ shapes in ``meta["example_value"]`` or ``meta["val"]`` for the binary steps. Pos
 every matched chain is one operator call whose ``epilogue`` argument names the fused steps;
 the graph is linted and recompiled.
 
-The pattern, from each ``decomp::{lowrank,quant,monarch,blockdiag}_linear`` node whose epilogue is still
+The pattern, from each ``decomp::{lowrank,quant,monarch,blockdiag,int8_outlier}_linear`` node whose epilogue is still
 empty: follow the single user while it is
 
 - an activation (SiLU, GELU exact or tanh, ReLU) of the chain, or
@@ -22,7 +22,7 @@ Then (``group=True``) :mod:`codegen.siblings` launches sibling quantized linears
 decode sizes and folds the RMSNorm before them in.
 
 Calls of rewritten modules (``LowRankLinear``, ``QuantizedLinear``, ``LQLinear``,
-``MonarchLinear``, ``BlockDiagLinear``: ``call_module`` nodes, or the ``torch.compile`` backend's runners) are first
+``MonarchLinear``, ``BlockDiagLinear``, ``Int8OutlierLinear``: ``call_module`` nodes, or the ``torch.compile`` backend's runners) are first
 lowered to their operator; other modules are left alone.
 
 Importing this module imports neither triton nor the operators.
@@ -92,7 +92,13 @@ class FusionReport:
 # ---- the operators and their epilogue arguments ---------------------------------------------
 
 # op name -> (index of the epilogue argument, index of aux)
-_EPILOGUE_ARG = {"lowrank_linear": (4, 5), "quant_linear": (8, 9), "monarch_linear": (5, 6), "blockdiag_linear": (6, 7)}
+_EPILOGUE_ARG = {
+    "lowrank_linear": (4, 5),
+    "quant_linear": (8, 9),
+    "monarch_linear": (5, 6),
+    "blockdiag_linear": (6, 7),
+    "int8_outlier_linear": (7, 8),
+}
 
 
 def _decomp_op(node: fx.Node) -> str | None:
@@ -183,7 +189,7 @@ def _chain(start: fx.Node) -> tuple[list[str], list[fx.Node], list[fx.Node]]:
 # ---- lowering rewritten modules to their operators --------------------------------------------
 
 
-_MODULES = ("LowRankLinear", "QuantizedLinear", "LQLinear", "MonarchLinear", "BlockDiagLinear")
+_MODULES = ("LowRankLinear", "QuantizedLinear", "LQLinear", "MonarchLinear", "BlockDiagLinear", "Int8OutlierLinear")
 
 
 def _rewritten_module(gm: fx.GraphModule, node: fx.Node):
@@ -227,6 +233,11 @@ def _module_call(gm: fx.GraphModule, node: fx.Node):
     if kind == "BlockDiagLinear":
         args = (x, t("blocks"), module.out_features, t("in_index"), t("out_pos"), t("bias"), "", [])
         return ops.blockdiag_linear.default, args
+    if kind == "Int8OutlierLinear":
+        if not module.packed.input_index.numel():  # every column an outlier: nothing for the kernel
+            return None
+        names = ("codes", "scale", "input_index", "outlier_columns", "outlier_weight")
+        return ops.int8_outlier_linear.default, (x, *(t(f"packed.{n}") for n in names), t("bias"), "", [])
     spec, names, cols = module.packed.kernel_args
     constants = [t(f"packed.{n}") for n in names]
     low_rank = (t("down"), t("up")) if kind == "LQLinear" else (None, None)

@@ -14,6 +14,7 @@ implementations come from the bodies themselves (``triton_op`` traces them with 
 | ``decomp::quant_linear_group(x, codes[], constants[], fmt, cols, pair, epilogue, aux, norm_weight, eps)`` | ``[ep(silu(x'·W₀ᵀ)·(x'·W₁ᵀ))]`` or ``[x'·W₀ᵀ, x'·W₁ᵀ, …]``, x' = x or its RMSNorm | sibling ``QuantizedLinear``s (``codegen.siblings``) |
 | ``decomp::monarch_linear(x, L, R, out_features, bias, epilogue, aux)`` | ``ep(monarch(x) + b)`` | ``MonarchLinear`` |
 | ``decomp::blockdiag_linear(x, blocks, out_features, in_index, out_pos, bias, epilogue, aux)`` | ``ep(blockdiag(x) + b)``, permutations fused | ``BlockDiagLinear`` |
+| ``decomp::int8_outlier_linear(x, codes, scale, input_index, outlier_columns, outlier_weight, bias, epilogue, aux)`` | ``ep(int8(x)·codesᵀ·s + x_o·W_oᵀ + b)`` (LLM.int8()) | ``Int8OutlierLinear`` |
 
 Importing it also memoizes torch.compile's per-call analysis of what each of our kernels writes
 (:mod:`codegen.analysis_cache`).
@@ -34,12 +35,14 @@ from torch.library import triton_op, wrap_triton
 from codegen import analysis_cache
 from codegen.kernels import blockdiag as _blockdiag
 from codegen.kernels import dequant as _dequant
+from codegen.kernels import int8_outlier as _int8_outlier
 from codegen.kernels import lowrank as _lowrank
 from codegen.kernels import monarch as _monarch
 
 __all__ = [
     "OPS",
     "blockdiag_linear",
+    "int8_outlier_linear",
     "interpreter_active",
     "lowrank_linear",
     "monarch_linear",
@@ -261,6 +264,37 @@ def blockdiag_linear(
     return torch.ops.decomp.blockdiag_linear_host(x, blocks, out_features, in_index, out_pos, bias, epilogue, aux)
 
 
+# ---- LLM.int8() --------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("decomp::int8_outlier_linear_host", mutates_args=())
+def _int8_outlier_host(
+    x: Tensor, codes: Tensor, scale: Tensor, input_index: Tensor, outlier_columns: Tensor, outlier_weight: Tensor,
+    bias: Tensor | None, epilogue: str, aux: list[Tensor],
+) -> Tensor:  # fmt: skip
+    args = (x, codes, scale, input_index, outlier_columns, outlier_weight, bias, epilogue, aux)
+    if interpreter_active():
+        return _int8_outlier.int8_outlier_linear(*args)
+    return _int8_outlier.int8_outlier_linear_ref(*args)
+
+
+@_int8_outlier_host.register_fake
+def _(x, codes, scale, input_index, outlier_columns, outlier_weight, bias, epilogue, aux):
+    return x.new_empty((*x.shape[:-1], codes.shape[0]))
+
+
+@triton_op("decomp::int8_outlier_linear", mutates_args=())
+def int8_outlier_linear(
+    x: Tensor, codes: Tensor, scale: Tensor, input_index: Tensor, outlier_columns: Tensor, outlier_weight: Tensor,
+    bias: Tensor | None, epilogue: str, aux: list[Tensor],
+) -> Tensor:  # fmt: skip
+    """``epilogue(LLM.int8(x) + bias)``; see :func:`codegen.kernels.int8_outlier.int8_outlier_linear`."""
+    args = (x, codes, scale, input_index, outlier_columns, outlier_weight, bias, epilogue, aux)
+    if _on_gpu(x):
+        return _int8_outlier.int8_outlier_linear(*args, wrap=wrap_triton)
+    return torch.ops.decomp.int8_outlier_linear_host(*args)
+
+
 #: The operators the fusion pass emits (and an exporter would need translations for).
 OPS = (
     torch.ops.decomp.lowrank_linear.default,
@@ -268,6 +302,7 @@ OPS = (
     torch.ops.decomp.quant_linear_group.default,
     torch.ops.decomp.monarch_linear.default,
     torch.ops.decomp.blockdiag_linear.default,
+    torch.ops.decomp.int8_outlier_linear.default,
 )
 
 # torch.compile analyses every call of these operators' kernels for what it writes; ours once per

@@ -83,6 +83,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from codegen import dispatch
 from cost_model import MatmulCost, SiteStats, dtype_size, matmul_cost
 from ir import UseKind, WeightSite
 from passes import quant_formats as qf
@@ -132,9 +133,7 @@ class Int8OutlierConfig(TransformConfig):
     def __post_init__(self):
         t = self.threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-            raise ValueError(
-                f"Int8OutlierConfig.threshold must be a positive finite number (LLM.int8() uses 6.0), got {t!r}"
-            )
+            raise ValueError(f"Int8OutlierConfig.threshold must be a positive finite number (LLM.int8() uses 6.0), got {t!r}")
         object.__setattr__(self, "threshold", float(t))
 
     @property
@@ -289,6 +288,8 @@ class Int8OutlierWeight(nn.Module):
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ Wᵀ + bias``: int8 matmul of the non-outlier columns, fp32 for the outliers."""
+        if self.input_index.numel() and dispatch.use_kernels(x, bias):  # CUDA: one fused kernel
+            return dispatch.int8_outlier_linear(x, self, bias)
         out, inn = self.shape
         rows = x.reshape(-1, inn)
         if self.input_index.numel():

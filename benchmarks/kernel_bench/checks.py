@@ -118,6 +118,26 @@ def check_blockdiag(device):
             _verdict(f"blockdiag {str(dtype)[6:]} {m}x{inn}->{out} b={b}", y, ref, truth)
 
 
+def check_int8_outlier(device):
+    from codegen.kernels import int8_outlier as K
+    from passes.int8_outlier import Int8OutlierConfig, Int8OutlierWeight
+
+    g = torch.Generator().manual_seed(4)
+    config = Int8OutlierConfig()
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for m, inn, out, n_out in ((1, 4096, 4096, 40), (300, 1000, 700, 7), (64, 512, 256, 0)):
+            outliers = torch.randperm(inn, generator=g)[:n_out]
+            pw = Int8OutlierWeight(config, (out, inn), dtype, config.encode(torch.randn(out, inn, generator=g) / 32, outliers))
+            bufs = [b.to(device) for b in (pw.codes, pw.scale, pw.input_index, pw.outlier_columns, pw.outlier_weight)]
+            x, bias = torch.randn(m, inn, generator=g), torch.randn(out, generator=g)
+            x[:, outliers] *= 30
+            xd, bd = x.to(device, dtype), bias.to(device, dtype)
+            y = K.int8_outlier_linear(xd, *bufs, bd)
+            ref = K.int8_outlier_linear_ref(xd, *bufs, bd)
+            _verdict(f"int8 outliers {str(dtype)[6:]} {m}x{inn}->{out} ({n_out} outliers)", y, ref,
+                     K.int8_outlier_linear_ref(xd.double(), *bufs, bd.double()))  # fmt: skip
+
+
 def _swiglu_block(d, hidden, device, dtype, rank=None, spec="int4g32"):
     """x + down(silu(gate(x)) * up(x)) with rewritten projections (low-rank when ``rank``, else quantized)."""
     from torch import nn

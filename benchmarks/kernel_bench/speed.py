@@ -28,6 +28,9 @@ MONARCH_ROWS = (1, 512, 4096)
 #: Block-diagonal: (n, blocks) — a quarter and an eighth of the weight — at decode and prefill rows.
 BLOCKDIAG_SHAPES = [(4096, 4), (4096, 8)]
 BLOCKDIAG_ROWS = (1, 512, 4096)
+#: LLM.int8(): (n, outlier columns) at decode and prefill rows.
+INT8_OUTLIER_SHAPES = [(4096, 40)]
+INT8_OUTLIER_ROWS = (1, 512, 4096)
 
 
 def bench_lowrank(device, dtype):
@@ -276,4 +279,41 @@ def bench_blockdiag(device, dtype):
             ours = _cold(functools.partial(make, fn=K.blockdiag_linear))
             ref = _cold(functools.partial(make, fn=blockdiag_forward))
             _print_row(f"{m} × {n}", b, f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{dense / ours:.2f}×",
+                       f"{ref * 1e3:.1f} µs", f"{ref / ours:.2f}×", _tuned_config(K.kernel()))  # fmt: skip
+
+
+def bench_int8_outlier(device, dtype):
+    from codegen import dispatch
+    from codegen.kernels import int8_outlier as K
+    from passes.int8_outlier import Int8OutlierConfig, Int8OutlierWeight
+
+    print("\n### LLM.int8() (activations quantized in the kernel, int8 dot, outlier columns) vs dense and vs the torch path\n")
+    _print_row("M × n", "outliers", "dense F.linear", "kernel", "vs dense", "torch path (_int_mm + elementwise)", "vs torch path",
+               "tuned")  # fmt: skip
+    _print_row(*["---"] * 8)
+    config = Int8OutlierConfig()
+    for n, n_out in INT8_OUTLIER_SHAPES:
+        for m in INT8_OUTLIER_ROWS:
+            if _late("LLM.int8"):
+                return
+
+            def make_dense(i, m=m, n=n):
+                x, w = (torch.randn(m, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype))
+                return (lambda: F.linear(x, w)), _nbytes(x, w)
+
+            def make(i, kernel, m=m, n=n, n_out=n_out):
+                outliers = torch.randperm(n)[:n_out]
+                pw = Int8OutlierWeight(config, (n, n), dtype, config.encode(torch.randn(n, n) / 64, outliers)).to(device)
+                x = torch.randn(m, n, device=device, dtype=dtype)
+
+                def run():
+                    with dispatch.force_kernels(kernel):
+                        return pw.linear(x, None)
+
+                return run, _nbytes(x, *pw.buffers()) + m * n * x.element_size()
+
+            dense = _cold(make_dense)
+            ours = _cold(functools.partial(make, kernel=True))
+            ref = _cold(functools.partial(make, kernel=False))
+            _print_row(f"{m} × {n}", n_out, f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{dense / ours:.2f}×",
                        f"{ref * 1e3:.1f} µs", f"{ref / ours:.2f}×", _tuned_config(K.kernel()))  # fmt: skip

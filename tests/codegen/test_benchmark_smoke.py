@@ -32,6 +32,8 @@ def test_benchmark_sections_run_at_tiny_sizes(device, capsys, monkeypatch):
         "MONARCH_ROWS": (1, 17),
         "BLOCKDIAG_SHAPES": [(64, 4)],
         "BLOCKDIAG_ROWS": (1, 17),
+        "INT8_OUTLIER_SHAPES": [(64, 3)],
+        "INT8_OUTLIER_ROWS": (1, 17),
     }
     for name, value in tiny.items():
         monkeypatch.setattr(speed, name, value)
@@ -50,11 +52,12 @@ def test_benchmark_sections_run_at_tiny_sizes(device, capsys, monkeypatch):
     bench.bench_dequant(device, dtype)
     bench.bench_monarch(device, dtype)
     bench.bench_blockdiag(device, dtype)
+    bench.bench_int8_outlier(device, dtype)
     bench.bench_decode_proxy(device, dtype, 2, kernel_variants=True)
     out = capsys.readouterr().out
     assert common.FAILURES == []
     for heading in ("Fused low-rank", "Dequant-GEMV", "tuning configs, each alone", "Dequant-GEMM", "Monarch", "Block-diagonal",
-                    "Decode proxy"):  # fmt: skip
+                    "LLM.int8()", "Decode proxy"):  # fmt: skip
         assert heading in out
     assert "kernel + fused epilogues" in out and "gate·up one SwiGLU kernel" in out and out.count("×") > 8
     assert sum(line.startswith(("| int4g32 | BN", "| int8 | BN")) for line in out.splitlines()) == 4  # 2 configs × 2 formats
@@ -65,3 +68,5 @@ def test_benchmark_sections_run_at_tiny_sizes(device, capsys, monkeypatch):
     assert len(blocked) == 1 and blocked[0].count("µs") == 6  # + the one-launch prefill kernel
     blockdiag = [line for line in out.splitlines() if line.startswith(("| 1 × 64 | 4 |", "| 17 × 64 | 4 |"))]
     assert len(blockdiag) == 2 and all(line.count("µs") == 3 for line in blockdiag)  # dense, kernel, torch path
+    int8 = [line for line in out.splitlines() if line.startswith(("| 1 × 64 | 3 |", "| 17 × 64 | 3 |"))]
+    assert len(int8) == 2 and all(line.count("µs") == 3 for line in int8)

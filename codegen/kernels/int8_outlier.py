@@ -1,0 +1,169 @@
+"""LLM.int8(): per-token int8 activations × int8 weight, plus the fp16 outlier columns, in one launch.
+
+Layout (``passes.int8_outlier.Int8OutlierWeight``): the input columns whose calibration absmax
+passed the threshold (``outlier_columns``, int32) keep an fp16 weight ``outlier_weight``
+``(out, n_outliers)``; the others, in the order ``input_index`` lists them (padded to a multiple
+of 8 with repeats of the first, whose codes are 0), are stored as int8 ``codes`` ``(out, k_pad)``
+with a per-row fp16 ``scale``. The semantics (the module's torch code)::
+
+    x_k = x[:, input_index];  s_x = max|x_k| / 127 per row;  q = clamp(round(x_k / s_x), ±127)
+    y = int32(q · codesᵀ) · s_x · scale  +  x[:, outlier_columns] · outlier_weightᵀ  +  bias
+
+in fp32, rounded once to the input dtype. The torch path on CUDA runs the gather, the row absmax,
+the quantization, ``torch._int_mm`` (which needs more than 16 rows: decode pads to 17), two
+scalings, the outlier gather and matmul and the bias as separate kernels. Here each program
+(``BM`` rows × ``BN`` outputs) computes its rows' ``s_x`` in a first pass over the gathered input,
+then quantizes the input tile by tile in registers — rounding half to even as ``torch.round``,
+dividing exactly (``div_rn``) — into an int8 × int8 → int32 tensor-core dot, scales, adds the
+outlier columns' fp32 product (IEEE, as the reference's ``addmm`` in fp32) and the bias, runs the
+fused epilogue and stores once. No quantized activation and no int32 product reach memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from codegen.kernels.common import UNUSED, KernelError, aux_rows, check_float, rows_of, tile_tail
+from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
+
+__all__ = ["CONFIGS", "MAX_K", "int8_outlier_linear", "int8_outlier_linear_ref", "kernel"]
+
+#: Largest stored inner size whose int32 accumulation is exact (127² per term).
+MAX_K = (2**31 - 1) // 127**2
+
+TEMPLATE = """
+
+@triton.jit
+def ${KERNEL}(
+    x_ptr, codes_ptr, scale_ptr, index_ptr, outl_ptr, outw_ptr, bias_ptr, out_ptr, ${AUX_PARAMS}
+    M, N, KP, NO, stride_xm, M_CLASS,
+    HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BO: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+
+    # s_x: the absmax of each row's int8 columns (gathered through input_index) / 127
+    amax = tl.zeros((BM,), dtype=tl.float32)
+    for k0 in range(0, KP, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        k_mask = offs_k < KP
+        col = tl.load(index_ptr + offs_k, mask=k_mask, other=0)
+        xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(xk.to(tl.float32)), axis=1))
+    sx = amax / 127.0
+    div = tl.maximum(sx, 1e-30)
+
+    # int32(q · codesᵀ), q quantized here tile by tile: round half to even (1.5·2²³ added and
+    # taken away), clamped to ±127
+    acc_i = tl.zeros((BM, BN), dtype=tl.int32)
+    for k0 in range(0, KP, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        k_mask = offs_k < KP
+        col = tl.load(index_ptr + offs_k, mask=k_mask, other=0)
+        xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        v = tl.math.div_rn(xk.to(tl.float32), div[:, None])
+        q = tl.minimum(tl.maximum((v + 12582912.0) - 12582912.0, -127.0), 127.0).to(tl.int8)
+        w = tl.load(codes_ptr + offs_n[None, :] * KP + offs_k[:, None], mask=n_mask[None, :] & k_mask[:, None], other=0)
+        acc_i = tl.dot(q, w, acc_i, out_dtype=tl.int32)
+    acc = acc_i.to(tl.float32) * sx[:, None]
+    acc = acc * tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+
+    # + x[:, outliers] · outlier_weightᵀ in fp32
+    if HAS_OUTLIERS:
+        for o0 in range(0, NO, BO):
+            offs_o = o0 + tl.arange(0, BO)
+            o_mask = offs_o < NO
+            col = tl.load(outl_ptr + offs_o, mask=o_mask, other=0)
+            xo = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :], mask=m_mask[:, None] & o_mask[None, :], other=0.0)
+            wo = tl.load(outw_ptr + offs_n[None, :] * NO + offs_o[:, None], mask=n_mask[None, :] & o_mask[:, None], other=0.0)
+            acc = tl.dot(xo.to(tl.float32), wo.to(tl.float32), acc, input_precision="ieee")
+"""
+TEMPLATE += tile_tail("    ")
+
+#: Tiles: ``BM`` rows × ``BN`` outputs, the int8 columns ``BK`` and the outliers ``BO`` at a time.
+CONFIGS = (
+    {"BM": 64, "BN": 64, "BK": 64, "BO": 16, "num_warps": 4, "num_stages": 3},
+    {"BM": 16, "BN": 64, "BK": 128, "BO": 16, "num_warps": 4, "num_stages": 3},
+    {"BM": 128, "BN": 64, "BK": 64, "BO": 16, "num_warps": 8, "num_stages": 3},
+    {"BM": 64, "BN": 128, "BK": 64, "BO": 16, "num_warps": 8, "num_stages": 3},
+    {"BM": 16, "BN": 32, "BK": 128, "BO": 16, "num_warps": 4, "num_stages": 2},
+    {"BM": 32, "BN": 128, "BK": 64, "BO": 32, "num_warps": 4, "num_stages": 3},
+)
+
+
+def kernel(epilogue: Epilogue = NO_EPILOGUE):
+    """The built kernel for ``epilogue`` (cached; ``.source`` is the generated code)."""
+    return build(TEMPLATE, "_int8_outlier_kernel", epilogue, CONFIGS, ("M_CLASS", "N", "KP", "NO"), __name__)
+
+
+def int8_outlier_linear_ref(x, codes, scale, input_index, outlier_columns, outlier_weight, bias=None, epilogue="", aux=()):
+    """The semantics, as ``passes.int8_outlier.Int8OutlierWeight.linear`` computes it (the int32
+    product in fp64 here — the same exact integers, |q·c| summed stays below 2³¹ — on any device), then
+    the epilogue."""
+    out = codes.shape[0]
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1])
+    if input_index.numel():
+        xk = rows.index_select(1, input_index.long()).float()
+        sx = xk.abs().amax(1) / 127
+        q = torch.round(xk / sx.clamp_min(1e-30)[:, None]).clamp_(-127, 127)
+        y = (q.double() @ codes.double().t()).float().mul_(sx[:, None]).mul_(scale.float())
+    else:
+        y = torch.zeros(rows.shape[0], out, dtype=torch.float32, device=x.device)
+    if outlier_columns.numel():
+        y.addmm_(rows.index_select(1, outlier_columns.long()).float(), outlier_weight.float().t())
+    if bias is not None:
+        y.add_(bias.float())
+    y = Epilogue.parse(epilogue).apply_ref(y, [a.reshape(rows.shape[0], out) for a in aux])
+    return y.to(x.dtype).reshape(*lead, out)
+
+
+def int8_outlier_linear(
+    x, codes, scale, input_index, outlier_columns, outlier_weight, bias=None, epilogue: str = "", aux=(), *, wrap=None
+) -> torch.Tensor:
+    """``epilogue(LLM.int8(x) + bias)`` in one launch.
+
+    Args:
+        x: ``(..., in)`` activations (fp32/fp16/bf16).
+        codes: ``(out, k_pad)`` int8; scale: ``(out,)`` per-row weight scale (any float dtype).
+        input_index: ``(k_pad,)`` the input column of each stored int8 column (int32 or int64).
+        outlier_columns: ``(n_outliers,)`` int32 input columns kept in float; outlier_weight:
+            ``(out, n_outliers)`` their weight.
+        bias: ``(out,)`` or None. epilogue, aux: the fused epilogue and its output-shaped operands.
+        wrap: ``torch.library.wrap_triton`` inside a ``triton_op``.
+    """
+    out, k_pad = codes.shape
+    n_out = outlier_columns.numel()
+    if codes.dtype != torch.int8 or tuple(input_index.shape) != (k_pad,) or tuple(scale.shape) != (out,):
+        raise KernelError(
+            f"LLM.int8 buffers must be int8 codes (out, k_pad), scale (out,), input_index (k_pad,); got codes "
+            f"{codes.dtype} {tuple(codes.shape)}, scale {tuple(scale.shape)}, input_index {tuple(input_index.shape)}"
+        )
+    if tuple(outlier_weight.shape) != (out, n_out):
+        raise KernelError(f"outlier_weight must be ({out}, {n_out}), got {tuple(outlier_weight.shape)}")
+    if k_pad > MAX_K:
+        raise KernelError(f"{k_pad} int8 columns overflow the exact int32 accumulation (at most {MAX_K})")
+    if k_pad == 0:
+        raise KernelError("no int8 columns (every input column is an outlier): use int8_outlier_linear_ref")
+    check_float("x", x)
+    if bias is not None:
+        check_float("bias", bias, x.dtype, x.device)
+    ep = Epilogue.parse(epilogue)
+    x2 = rows_of(x, x.shape[-1])
+    m = x2.shape[0]
+    out_shape = (*x.shape[:-1], out)
+    auxs = aux_rows(aux, ep, out_shape, x.device, m, out)
+    y = torch.empty((m, out), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.view(out_shape)
+    kernel(ep).launch(
+        lambda meta: (-(-m // meta["BM"]), -(-out // meta["BN"])),
+        x2, codes.contiguous(), scale.contiguous(), input_index.contiguous(),
+        outlier_columns.contiguous() if n_out else UNUSED, outlier_weight.contiguous() if n_out else UNUSED,
+        bias if bias is not None else UNUSED, y, *auxs, m, out, k_pad, n_out, x2.stride(0), shape_class(m),
+        HAS_OUTLIERS=n_out > 0, HAS_BIAS=bias is not None, wrap=wrap,
+    )  # fmt: skip
+    return y.view(out_shape)
