@@ -47,13 +47,22 @@ from kernel_bench.checks import (
     check_blockdiag,
     check_dequant,
     check_int8_outlier,
+    check_kronecker,
     check_lowrank,
     check_modules_and_compile,
     check_monarch,
 )
 from kernel_bench.common import BUDGET_S, FAILURES, START, _bench, _buffers, _format, _guard, _late, _packed, _print_row
 from kernel_bench.decode import bench_decode_proxy, bench_e2e
-from kernel_bench.speed import GEMV_FORMATS, bench_blockdiag, bench_dequant, bench_int8_outlier, bench_lowrank, bench_monarch
+from kernel_bench.speed import (
+    GEMV_FORMATS,
+    bench_blockdiag,
+    bench_dequant,
+    bench_int8_outlier,
+    bench_kronecker,
+    bench_lowrank,
+    bench_monarch,
+)
 
 
 def main(argv=None) -> int:
@@ -61,7 +70,7 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="correctness only (CUDA)")
     parser.add_argument("--e2e", action="store_true", help="also SmolLM2-shaped end-to-end decode (needs transformers)")
     parser.add_argument("--budget-s", type=float, default=270.0, help="start no section or row past this many seconds")
-    parser.add_argument("--sections", default="lowrank,dequant,monarch,blockdiag,int8outlier,e2e,proxy",
+    parser.add_argument("--sections", default="lowrank,dequant,monarch,blockdiag,kronecker,int8outlier,e2e,proxy",
                         help="speed sections to run, comma-separated (e2e also needs --e2e)")  # fmt: skip
     parser.add_argument("--e2e-rows", choices=("all", "ours-compiled"), default="all",
                         help="ours-compiled: only the compiled int4 model (short GPU sessions)")  # fmt: skip
@@ -92,7 +101,7 @@ def main(argv=None) -> int:
     print("\n## Correctness on CUDA (kernel vs eager torch, both against an fp64 evaluation)\n")
     blocks = ("int4g32",) if args.check else ("int4g32", "lowrank r64")
     for name, fn in (("lowrank", check_lowrank), ("dequant", check_dequant), ("monarch", check_monarch),
-                     ("blockdiag", check_blockdiag), ("int8 outliers", check_int8_outlier),
+                     ("blockdiag", check_blockdiag), ("kronecker", check_kronecker), ("int8 outliers", check_int8_outlier),
                      ("modules + torch.compile", lambda d: check_modules_and_compile(d, blocks))):  # fmt: skip
         _guard(name, fn, "cuda")
     print(f"\ncorrectness: {len(FAILURES)} failure(s), {time.time() - START:.0f} s so far", flush=True)
@@ -106,7 +115,8 @@ def main(argv=None) -> int:
     if args.e2e:
         sections.append(("e2e", lambda d, t: bench_e2e(d, rows=args.e2e_rows)))
     sections += [("lowrank", bench_lowrank), ("monarch", bench_monarch), ("blockdiag", bench_blockdiag),
-                 ("int8outlier", bench_int8_outlier), ("proxy", lambda d, t: bench_decode_proxy(d, t, 30))]  # fmt: skip
+                 ("kronecker", bench_kronecker), ("int8outlier", bench_int8_outlier),
+                 ("proxy", lambda d, t: bench_decode_proxy(d, t, 30))]  # fmt: skip
     for name, fn in sections:
         if name not in wanted or _late(name):
             continue

@@ -79,7 +79,7 @@ def _compile(kernel, pointers, constexprs, config, arch):
 
 def variants(quick: bool):
     """(label, kernel, pointer types, constexprs, configs) for every template and format we ship."""
-    from codegen.kernels import blockdiag, dequant, int8_outlier, lowrank, monarch
+    from codegen.kernels import blockdiag, dequant, int8_outlier, kronecker, lowrank, monarch
     from codegen.template import Epilogue
 
     ep = Epilogue.parse("silu,mul")
@@ -139,6 +139,9 @@ def variants(quick: bool):
     for dt in ("fp16", "bf16", "fp32") if not quick else ("fp16",):
         full = dt == "fp16" and not quick
         flags = {"IEEE": dt == "fp32", "UPCAST": False}
+        for ai, bi in ((64, 64), (16, 256)) if full else ((64, 64),):
+            out.append((f"kronecker {dt} AI={ai} BI={bi}", kronecker.kernel(ep), {"default": TY[dt]},
+                        {**flags, "HAS_BIAS": True, "AI": ai, "BI": bi}, kronecker.CONFIGS if full else kronecker.CONFIGS[:1]))  # fmt: skip
         out.append((f"int8 outlier {dt}", int8_outlier.kernel(ep.parse("add")), {"default": TY[dt], "codes_ptr": "*i8",
                     "scale_ptr": "*fp16", "index_ptr": "*i64", "outl_ptr": "*i32", "outw_ptr": "*fp16"},
                     {"HAS_OUTLIERS": True, "HAS_BIAS": True}, int8_outlier.CONFIGS if full else int8_outlier.CONFIGS[:1]))  # fmt: skip
@@ -253,7 +256,7 @@ def launch_cases():
     """(label, call) for each launch path of the operators, on CPU tensors (values do not matter)."""
     import torch
 
-    from codegen.kernels import blockdiag, dequant, int8_outlier, lowrank, monarch
+    from codegen.kernels import blockdiag, dequant, int8_outlier, kronecker, lowrank, monarch
     from passes.blockdiag import _output_positions
     from passes.int8_outlier import Int8OutlierConfig, Int8OutlierWeight
     from passes.quant_storage import Int8Config, IntNConfig, NF4Config, PackedWeight
@@ -327,6 +330,13 @@ def launch_cases():
                     lambda x=x, L=L, R=R, f=fused: monarch.monarch_linear(x, L, R, 512, torch.zeros(512, dtype=x.dtype), fused=f),
                 )
             )
+        for r, (a_out, a_in, b_out, b_in) in ((1, (64, 64, 64, 64)), (3, (20, 25, 25, 24)), (2, (128, 16, 32, 256))):
+            A, B = torch.randn(r, a_out, a_in).to(dt), torch.randn(r, b_out, b_in).to(dt)
+            for m in (1, 64):
+                x = torch.randn(m, a_in * b_in - 3).to(dt)
+                cases.append((f"kronecker_linear m={m} r={r} {a_out}x{a_in} ⊗ {b_out}x{b_in} {dt} bias+silu,mul",
+                              lambda x=x, A=A, B=B, n=a_out * b_out: kronecker.kronecker_linear(x, A, B, n, torch.zeros(n, dtype=x.dtype),
+                                                                                                 "silu,mul", [torch.empty(x.shape[0], n, dtype=x.dtype)])))  # fmt: skip
         config = Int8OutlierConfig()
         pw = Int8OutlierWeight(config, (384, 500), dt, config.encode(torch.randn(384, 500, generator=g), torch.tensor([3, 77])))
         bufs = (pw.codes, pw.scale, pw.input_index, pw.outlier_columns, pw.outlier_weight)

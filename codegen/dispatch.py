@@ -1,7 +1,7 @@
 """When the rewritten modules call the kernels, and the calls they make (light: no triton import).
 
 ``passes`` modules (``LowRankLinear``, ``QuantizedLinear``, ``LQLinear``, ``MonarchLinear``, ``BlockDiagLinear``,
-``Int8OutlierLinear``)
+``Int8OutlierLinear``, ``KroneckerLinear``)
 ask :func:`use_kernels` in their ``forward``; when it says yes they call the ``decomp::*``
 operator through the helpers here, otherwise they keep their eager torch code (which is the
 kernels' reference, so both give the same results up to rounding order). Yes means:
@@ -30,6 +30,7 @@ __all__ = [
     "force_kernels",
     "int8_outlier_linear",
     "kernel_args",
+    "kronecker_linear",
     "lowrank_linear",
     "monarch_linear",
     "quant_linear",
@@ -163,6 +164,11 @@ def int8_outlier_linear(x, packed, bias=None, epilogue: str = "", aux=()) -> tor
     return _ops().int8_outlier_linear(
         x, b["codes"], b["scale"], b["input_index"], b["outlier_columns"], b["outlier_weight"], bias, epilogue, list(aux)
     )
+
+
+def kronecker_linear(x, A, B, out_features: int, bias=None, epilogue: str = "", aux=()) -> torch.Tensor:
+    """``decomp::kronecker_linear``: ``epilogue(Σ_t (A_t ⊗ B_t)·x + bias)``."""
+    return _ops().kronecker_linear(x, A, B, out_features, bias, epilogue, list(aux))
 
 
 def monarch_linear(x, L, R, out_features: int, bias=None, epilogue: str = "", aux=()) -> torch.Tensor:

@@ -7,7 +7,7 @@ shapes in ``meta["example_value"]`` or ``meta["val"]`` for the binary steps. Pos
 every matched chain is one operator call whose ``epilogue`` argument names the fused steps;
 the graph is linted and recompiled.
 
-The pattern, from each ``decomp::{lowrank,quant,monarch,blockdiag,int8_outlier}_linear`` node whose epilogue is still
+The pattern, from each ``decomp::{lowrank,quant,monarch,blockdiag,kronecker,int8_outlier}_linear`` node whose epilogue is still
 empty: follow the single user while it is
 
 - an activation (SiLU, GELU exact or tanh, ReLU) of the chain, or
@@ -22,7 +22,7 @@ Then (``group=True``) :mod:`codegen.siblings` launches sibling quantized linears
 decode sizes and folds the RMSNorm before them in.
 
 Calls of rewritten modules (``LowRankLinear``, ``QuantizedLinear``, ``LQLinear``,
-``MonarchLinear``, ``BlockDiagLinear``, ``Int8OutlierLinear``: ``call_module`` nodes, or the ``torch.compile`` backend's runners) are first
+``MonarchLinear``, ``BlockDiagLinear``, ``KroneckerLinear``, ``Int8OutlierLinear``: ``call_module`` nodes, or the ``torch.compile`` backend's runners) are first
 lowered to their operator; other modules are left alone.
 
 Importing this module imports neither triton nor the operators.
@@ -98,6 +98,7 @@ _EPILOGUE_ARG = {
     "monarch_linear": (5, 6),
     "blockdiag_linear": (6, 7),
     "int8_outlier_linear": (7, 8),
+    "kronecker_linear": (5, 6),
 }
 
 
@@ -189,7 +190,15 @@ def _chain(start: fx.Node) -> tuple[list[str], list[fx.Node], list[fx.Node]]:
 # ---- lowering rewritten modules to their operators --------------------------------------------
 
 
-_MODULES = ("LowRankLinear", "QuantizedLinear", "LQLinear", "MonarchLinear", "BlockDiagLinear", "Int8OutlierLinear")
+_MODULES = (
+    "LowRankLinear",
+    "QuantizedLinear",
+    "LQLinear",
+    "MonarchLinear",
+    "BlockDiagLinear",
+    "Int8OutlierLinear",
+    "KroneckerLinear",
+)
 
 
 def _rewritten_module(gm: fx.GraphModule, node: fx.Node):
@@ -233,6 +242,8 @@ def _module_call(gm: fx.GraphModule, node: fx.Node):
     if kind == "BlockDiagLinear":
         args = (x, t("blocks"), module.out_features, t("in_index"), t("out_pos"), t("bias"), "", [])
         return ops.blockdiag_linear.default, args
+    if kind == "KroneckerLinear":
+        return ops.kronecker_linear.default, (x, t("A"), t("B"), module.out_features, t("bias"), "", [])
     if kind == "Int8OutlierLinear":
         if not module.packed.input_index.numel():  # every column an outlier: nothing for the kernel
             return None

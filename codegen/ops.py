@@ -14,6 +14,7 @@ implementations come from the bodies themselves (``triton_op`` traces them with 
 | ``decomp::quant_linear_group(x, codes[], constants[], fmt, cols, pair, epilogue, aux, norm_weight, eps)`` | ``[ep(silu(x'·W₀ᵀ)·(x'·W₁ᵀ))]`` or ``[x'·W₀ᵀ, x'·W₁ᵀ, …]``, x' = x or its RMSNorm | sibling ``QuantizedLinear``s (``codegen.siblings``) |
 | ``decomp::monarch_linear(x, L, R, out_features, bias, epilogue, aux)`` | ``ep(monarch(x) + b)`` | ``MonarchLinear`` |
 | ``decomp::blockdiag_linear(x, blocks, out_features, in_index, out_pos, bias, epilogue, aux)`` | ``ep(blockdiag(x) + b)``, permutations fused | ``BlockDiagLinear`` |
+| ``decomp::kronecker_linear(x, A, B, out_features, bias, epilogue, aux)`` | ``ep(Σ_t (A_t ⊗ B_t)·x + b)`` | ``KroneckerLinear`` |
 | ``decomp::int8_outlier_linear(x, codes, scale, input_index, outlier_columns, outlier_weight, bias, epilogue, aux)`` | ``ep(int8(x)·codesᵀ·s + x_o·W_oᵀ + b)`` (LLM.int8()) | ``Int8OutlierLinear`` |
 
 Importing it also memoizes torch.compile's per-call analysis of what each of our kernels writes
@@ -36,6 +37,7 @@ from codegen import analysis_cache
 from codegen.kernels import blockdiag as _blockdiag
 from codegen.kernels import dequant as _dequant
 from codegen.kernels import int8_outlier as _int8_outlier
+from codegen.kernels import kronecker as _kronecker
 from codegen.kernels import lowrank as _lowrank
 from codegen.kernels import monarch as _monarch
 
@@ -44,6 +46,7 @@ __all__ = [
     "blockdiag_linear",
     "int8_outlier_linear",
     "interpreter_active",
+    "kronecker_linear",
     "lowrank_linear",
     "monarch_linear",
     "quant_linear",
@@ -264,6 +267,36 @@ def blockdiag_linear(
     return torch.ops.decomp.blockdiag_linear_host(x, blocks, out_features, in_index, out_pos, bias, epilogue, aux)
 
 
+# ---- Kronecker sums ----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("decomp::kronecker_linear_host", mutates_args=())
+def _kronecker_host(
+    x: Tensor, A: Tensor, B: Tensor, out_features: int, bias: Tensor | None, epilogue: str, aux: list[Tensor]
+) -> Tensor:
+    if interpreter_active() and _kronecker.supports(A, B):
+        return _kronecker.kronecker_linear(x, A, B, out_features, bias, epilogue, aux)
+    return _kronecker.kronecker_linear_ref(x, A, B, out_features, bias, epilogue, aux)
+
+
+@_kronecker_host.register_fake
+def _(x, A, B, out_features, bias, epilogue, aux):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@triton_op("decomp::kronecker_linear", mutates_args=())
+def kronecker_linear(
+    x: Tensor, A: Tensor, B: Tensor, out_features: int, bias: Tensor | None, epilogue: str, aux: list[Tensor]
+) -> Tensor:
+    """``epilogue(Σ_t (A_t ⊗ B_t)·x + bias)``; see :func:`codegen.kernels.kronecker.kronecker_linear`
+    (factors whose input matrix exceeds its register tile take the reference on CUDA too)."""
+    if _on_gpu(x) and _kronecker.supports(A, B):
+        return _kronecker.kronecker_linear(x, A, B, out_features, bias, epilogue, aux, wrap=wrap_triton)
+    if _on_gpu(x):
+        return _kronecker.kronecker_linear_ref(x, A, B, out_features, bias, epilogue, aux)
+    return torch.ops.decomp.kronecker_linear_host(x, A, B, out_features, bias, epilogue, aux)
+
+
 # ---- LLM.int8() --------------------------------------------------------------------------------
 
 
@@ -303,6 +336,7 @@ OPS = (
     torch.ops.decomp.monarch_linear.default,
     torch.ops.decomp.blockdiag_linear.default,
     torch.ops.decomp.int8_outlier_linear.default,
+    torch.ops.decomp.kronecker_linear.default,
 )
 
 # torch.compile analyses every call of these operators' kernels for what it writes; ours once per

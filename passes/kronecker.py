@@ -40,15 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from codegen import dispatch
 from cost_model import MatmulCost
 from passes.config import TransformConfig, register_config
-from passes.structured_base import (
-    FactorSpec,
-    Fit,
-    Problem,
-    StructuredTransform,
-    single_threaded,
-)
+from passes.structured_base import FactorSpec, Fit, Problem, StructuredTransform, single_threaded
 from passes.transform import register_transform
 
 __all__ = [
@@ -157,6 +152,8 @@ class KroneckerLinear(nn.Module):
         self.in_features = in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if dispatch.use_kernels(x, self.A, self.B, self.bias):
+            return dispatch.kronecker_linear(x, self.A, self.B, self.out_features, self.bias)
         return kronecker_forward(x, self.A, self.B, self.out_features, self.bias)
 
     def dense(self) -> torch.Tensor:
@@ -366,7 +363,11 @@ class KroneckerTransform(StructuredTransform):
         fits = {}
         for (a_out, a_in), ranks in by_shape.items():
             shape_config = KroneckerConfig(a_out, a_in, 1)
-            done = _frobenius(problem.w, shape_config, ranks) if problem.covariance is None else _weighted(problem, shape_config, ranks)
+            done = (
+                _frobenius(problem.w, shape_config, ranks)
+                if problem.covariance is None
+                else _weighted(problem, shape_config, ranks)
+            )
             fits.update({(a_out, a_in, r): v for r, v in done.items()})
         result = []
         for c in configs:

@@ -118,6 +118,26 @@ def check_blockdiag(device):
             _verdict(f"blockdiag {str(dtype)[6:]} {m}x{inn}->{out} b={b}", y, ref, truth)
 
 
+def check_kronecker(device):
+    from codegen.kernels import kronecker as K
+
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for m, (r, a_out, a_in, b_out, b_in) in (
+            (1, (1, 64, 64, 64, 64)),
+            (300, (3, 20, 25, 25, 24)),
+            (64, (2, 128, 16, 32, 256)),
+        ):
+            A, B = torch.randn(r, a_out, a_in, generator=g) / a_in**0.5, torch.randn(r, b_out, b_in, generator=g) / b_in**0.5
+            x, bias = torch.randn(m, a_in * b_in - 3, generator=g), torch.randn(a_out * b_out - 5, generator=g)
+            args = [t.to(device, dtype) for t in (x, A, B)]
+            n = bias.numel()
+            y = K.kronecker_linear(*args, n, bias.to(device, dtype))
+            ref = K.kronecker_linear_ref(*args, n, bias.to(device, dtype))
+            truth = K.kronecker_linear_ref(*[t.to(device, torch.float64) for t in (x, A, B)], n, bias.to(device, torch.float64))
+            _verdict(f"kronecker {str(dtype)[6:]} {m} rows, r={r} {a_out}x{a_in} ⊗ {b_out}x{b_in}", y, ref, truth)
+
+
 def check_int8_outlier(device):
     from codegen.kernels import int8_outlier as K
     from passes.int8_outlier import Int8OutlierConfig, Int8OutlierWeight

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,9 @@ MONARCH_ROWS = (1, 512, 4096)
 #: Block-diagonal: (n, blocks) — a quarter and an eighth of the weight — at decode and prefill rows.
 BLOCKDIAG_SHAPES = [(4096, 4), (4096, 8)]
 BLOCKDIAG_ROWS = (1, 512, 4096)
+#: Kronecker sums: (n, terms) with a √n × √n ⊗ √n × √n factorisation, at decode and prefill rows.
+KRONECKER_SHAPES = [(4096, 1), (4096, 4)]
+KRONECKER_ROWS = (1, 512, 4096)
 #: LLM.int8(): (n, outlier columns) at decode and prefill rows.
 INT8_OUTLIER_SHAPES = [(4096, 40)]
 INT8_OUTLIER_ROWS = (1, 512, 4096)
@@ -316,4 +320,33 @@ def bench_int8_outlier(device, dtype):
             ours = _cold(functools.partial(make, kernel=True))
             ref = _cold(functools.partial(make, kernel=False))
             _print_row(f"{m} × {n}", n_out, f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{dense / ours:.2f}×",
+                       f"{ref * 1e3:.1f} µs", f"{ref / ours:.2f}×", _tuned_config(K.kernel()))  # fmt: skip
+
+
+def bench_kronecker(device, dtype):
+    from codegen.kernels import kronecker as K
+
+    print("\n### Kronecker sums (both products on chip, one launch) vs dense and vs the torch path (CUDA graph, cold operands)\n")
+    _print_row("M × n", "terms", "dense F.linear", "kernel", "vs dense", "torch path (2 matmuls + permutes)", "vs torch path",
+               "tuned")  # fmt: skip
+    _print_row(*["---"] * 8)
+    for n, r in KRONECKER_SHAPES:
+        side = math.isqrt(n)
+        for m in KRONECKER_ROWS:
+            if _late("Kronecker"):
+                return
+
+            def make_dense(i, m=m, n=n):
+                x, w = (torch.randn(m, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype))
+                return (lambda: F.linear(x, w)), _nbytes(x, w)
+
+            def make(i, fn, m=m, n=n, r=r, side=side):
+                x = torch.randn(m, n, device=device, dtype=dtype)
+                A, B = (torch.randn(r, side, side, device=device, dtype=dtype) / side for _ in range(2))
+                return (lambda: fn(x, A, B, n)), _nbytes(x, A, B) + m * n * x.element_size()
+
+            dense = _cold(make_dense)
+            ours = _cold(functools.partial(make, fn=K.kronecker_linear))
+            ref = _cold(functools.partial(make, fn=K.kronecker_linear_ref))
+            _print_row(f"{m} × {n}", r, f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{dense / ours:.2f}×",
                        f"{ref * 1e3:.1f} µs", f"{ref / ours:.2f}×", _tuned_config(K.kernel()))  # fmt: skip

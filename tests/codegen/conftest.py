@@ -79,7 +79,7 @@ def _compile_fused(model, x):
     seen = []
 
     def backend(gm, example_inputs):
-        names = (f"decomp.{op}_linear" for op in ("lowrank", "quant", "monarch", "blockdiag", "int8_outlier"))
+        names = (f"decomp.{op}_linear" for op in ("lowrank", "quant", "monarch", "blockdiag", "int8_outlier", "kronecker"))
         ops_before = {name: n for name in names if (n := _count_calls(gm, name))}  # the operators present
         seen.append((ops_before, fuse_epilogues(gm), gm))
         return gm.forward

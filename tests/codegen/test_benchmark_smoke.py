@@ -33,6 +33,8 @@ def test_benchmark_sections_run_at_tiny_sizes(device, capsys, monkeypatch):
         "BLOCKDIAG_SHAPES": [(64, 4)],
         "BLOCKDIAG_ROWS": (1, 17),
         "INT8_OUTLIER_SHAPES": [(64, 3)],
+        "KRONECKER_SHAPES": [(256, 2)],
+        "KRONECKER_ROWS": (1, 17),
         "INT8_OUTLIER_ROWS": (1, 17),
     }
     for name, value in tiny.items():
@@ -53,20 +55,23 @@ def test_benchmark_sections_run_at_tiny_sizes(device, capsys, monkeypatch):
     bench.bench_monarch(device, dtype)
     bench.bench_blockdiag(device, dtype)
     bench.bench_int8_outlier(device, dtype)
+    bench.bench_kronecker(device, dtype)
     bench.bench_decode_proxy(device, dtype, 2, kernel_variants=True)
     out = capsys.readouterr().out
     assert common.FAILURES == []
     for heading in ("Fused low-rank", "Dequant-GEMV", "tuning configs, each alone", "Dequant-GEMM", "Monarch", "Block-diagonal",
-                    "LLM.int8()", "Decode proxy"):  # fmt: skip
+                    "LLM.int8()", "Kronecker sums", "Decode proxy"):  # fmt: skip
         assert heading in out
     assert "kernel + fused epilogues" in out and "gate·up one SwiGLU kernel" in out and out.count("×") > 8
     assert sum(line.startswith(("| int4g32 | BN", "| int8 | BN")) for line in out.splitlines()) == 4  # 2 configs × 2 formats
     assert "(2 slices)" in out  # the split-K first product timed beside cuBLAS
     prefill = [line for line in out.splitlines() if line.startswith("| 17 × 64 | 8, 1 |")]
     assert len(prefill) == 1 and prefill[0].count("µs") == 5  # Monarch two-stage row: + stage 1 timed alone
-    blocked = [line for line in out.splitlines() if line.startswith("| 17 × 256 |")]
+    blocked = [line for line in out.splitlines() if line.startswith("| 17 × 256 | 16, 1 |")]
     assert len(blocked) == 1 and blocked[0].count("µs") == 6  # + the one-launch prefill kernel
     blockdiag = [line for line in out.splitlines() if line.startswith(("| 1 × 64 | 4 |", "| 17 × 64 | 4 |"))]
     assert len(blockdiag) == 2 and all(line.count("µs") == 3 for line in blockdiag)  # dense, kernel, torch path
     int8 = [line for line in out.splitlines() if line.startswith(("| 1 × 64 | 3 |", "| 17 × 64 | 3 |"))]
     assert len(int8) == 2 and all(line.count("µs") == 3 for line in int8)
+    kron = [line for line in out.splitlines() if line.startswith(("| 1 × 256 | 2 |", "| 17 × 256 | 2 |"))]
+    assert len(kron) == 2 and all(line.count("µs") == 3 for line in kron)
