@@ -249,104 +249,79 @@ def bench_monarch(device, dtype):
                        "yes" if ratio >= 3 else "no", f"{ref * 1e3:.1f} µs", f"{eager * 1e3:.1f} µs", first, tuned, fused)  # fmt: skip
 
 
-def bench_blockdiag(device, dtype):
-    from codegen.kernels import blockdiag as K
-    from passes.blockdiag import _output_positions, blockdiag_forward
-
-    print(
-        "\n### Block-diagonal, permuted (one launch, permutations fused) vs dense and vs the torch path (CUDA graph, cold operands)\n"
-    )
-    _print_row("M × n", "blocks", "dense F.linear", "kernel", "vs dense", "torch path (gather, bmm, scatter)", "vs torch path",
-               "tuned")  # fmt: skip
-    _print_row(*["---"] * 8)
-    for n, b in BLOCKDIAG_SHAPES:
-        p = n // b
-        for m in BLOCKDIAG_ROWS:
-            if _late("block-diagonal"):
-                return
-
-            def make_dense(i, m=m, n=n):
-                x, w = (torch.randn(m, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype))
-                return (lambda: F.linear(x, w)), _nbytes(x, w)
-
-            def make(i, fn, m=m, n=n, b=b, p=p):
-                x, blocks = (
-                    torch.randn(m, n, device=device, dtype=dtype),
-                    torch.randn(b, p, p, device=device, dtype=dtype) / p**0.5,
-                )
-                in_index = torch.randperm(n, device=device).int()
-                out_index = torch.randperm(n, device=device).int()
-                index = (in_index, _output_positions(out_index, n)) if fn is K.blockdiag_linear else (in_index, out_index)
-                return (lambda: fn(x, blocks, n, *index)), _nbytes(x, blocks) + m * n * x.element_size()
-
-            dense = _cold(make_dense)
-            ours = _cold(functools.partial(make, fn=K.blockdiag_linear))
-            ref = _cold(functools.partial(make, fn=blockdiag_forward))
-            _print_row(f"{m} × {n}", b, f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{dense / ours:.2f}×",
-                       f"{ref * 1e3:.1f} µs", f"{ref / ours:.2f}×", _tuned_config(K.kernel()))  # fmt: skip
-
-
-def bench_int8_outlier(device, dtype):
+def _kernel_vs_torch_path(device, dtype, title, param, torch_path, shapes, rows, make_module, kernel):
+    """One table: per ``(n, param)`` of ``shapes`` and row count, dense ``F.linear`` against the
+    rewritten module ``make_module(n, param)`` with its kernel and with its own torch code."""
     from codegen import dispatch
-    from codegen.kernels import int8_outlier as K
-    from passes.int8_outlier import Int8OutlierConfig, Int8OutlierWeight
 
-    print("\n### LLM.int8() (activations quantized in the kernel, int8 dot, outlier columns) vs dense and vs the torch path\n")
-    _print_row("M × n", "outliers", "dense F.linear", "kernel", "vs dense", "torch path (_int_mm + elementwise)", "vs torch path",
-               "tuned")  # fmt: skip
+    print(f"\n### {title} vs dense and vs the torch path (CUDA graph, cold operands)\n")
+    _print_row("M × n", param, "dense F.linear", "kernel", "vs dense", f"torch path ({torch_path})", "vs torch path", "tuned")
     _print_row(*["---"] * 8)
-    config = Int8OutlierConfig()
-    for n, n_out in INT8_OUTLIER_SHAPES:
-        for m in INT8_OUTLIER_ROWS:
-            if _late("LLM.int8"):
+    for n, value in shapes:
+        for m in rows:
+            if _late(title.split(" (")[0]):
                 return
 
             def make_dense(i, m=m, n=n):
                 x, w = (torch.randn(m, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype))
                 return (lambda: F.linear(x, w)), _nbytes(x, w)
 
-            def make(i, kernel, m=m, n=n, n_out=n_out):
-                outliers = torch.randperm(n)[:n_out]
-                pw = Int8OutlierWeight(config, (n, n), dtype, config.encode(torch.randn(n, n) / 64, outliers)).to(device)
+            def make(i, on, m=m, n=n, value=value):
+                module = make_module(n, value).to(device=device, dtype=dtype)
                 x = torch.randn(m, n, device=device, dtype=dtype)
 
                 def run():
-                    with dispatch.force_kernels(kernel):
-                        return pw.linear(x, None)
+                    with torch.no_grad(), dispatch.force_kernels(on):
+                        return module(x)
 
-                return run, _nbytes(x, *pw.buffers()) + m * n * x.element_size()
+                return run, _nbytes(x, *module.parameters(), *module.buffers()) + m * n * x.element_size()
 
             dense = _cold(make_dense)
-            ours = _cold(functools.partial(make, kernel=True))
-            ref = _cold(functools.partial(make, kernel=False))
-            _print_row(f"{m} × {n}", n_out, f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{dense / ours:.2f}×",
-                       f"{ref * 1e3:.1f} µs", f"{ref / ours:.2f}×", _tuned_config(K.kernel()))  # fmt: skip
+            ours = _cold(functools.partial(make, on=True))
+            ref = _cold(functools.partial(make, on=False))
+            _print_row(f"{m} × {n}", value, f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{dense / ours:.2f}×",
+                       f"{ref * 1e3:.1f} µs", f"{ref / ours:.2f}×", _tuned_config(kernel()))  # fmt: skip
+
+
+def bench_blockdiag(device, dtype):
+    from torch import nn
+
+    from codegen.kernels import blockdiag as K
+    from passes.blockdiag import BlockDiagLinear
+
+    def module(n, b):
+        p = n // b
+        perm = (torch.randperm(n).int() for _ in range(2))
+        return BlockDiagLinear(nn.Parameter(torch.randn(b, p, p) / p**0.5), None, n, n, *perm)
+
+    _kernel_vs_torch_path(device, dtype, "Block-diagonal, permuted (one launch, permutations fused)", "blocks",
+                          "gather, bmm, scatter", BLOCKDIAG_SHAPES, BLOCKDIAG_ROWS, module, K.kernel)  # fmt: skip
+
+
+def bench_int8_outlier(device, dtype):
+    from codegen.kernels import int8_outlier as K
+    from passes.int8_outlier import Int8OutlierConfig, Int8OutlierLinear, Int8OutlierWeight
+
+    config = Int8OutlierConfig()
+
+    def module(n, n_out):
+        buffers = config.encode(torch.randn(n, n) / 64, torch.randperm(n)[:n_out])
+        return Int8OutlierLinear(Int8OutlierWeight(config, (n, n), torch.float32, buffers), None)
+
+    _kernel_vs_torch_path(device, dtype, "LLM.int8() (activations quantized in the kernel, int8 dot, outlier columns)",
+                          "outliers", "_int_mm + elementwise", INT8_OUTLIER_SHAPES, INT8_OUTLIER_ROWS, module, K.kernel)  # fmt: skip
 
 
 def bench_kronecker(device, dtype):
+    from torch import nn
+
     from codegen.kernels import kronecker as K
+    from passes.kronecker import KroneckerLinear
 
-    print("\n### Kronecker sums (both products on chip, one launch) vs dense and vs the torch path (CUDA graph, cold operands)\n")
-    _print_row("M × n", "terms", "dense F.linear", "kernel", "vs dense", "torch path (2 matmuls + permutes)", "vs torch path",
-               "tuned")  # fmt: skip
-    _print_row(*["---"] * 8)
-    for n, r in KRONECKER_SHAPES:
+    def module(n, r):
         side = math.isqrt(n)
-        for m in KRONECKER_ROWS:
-            if _late("Kronecker"):
-                return
+        A, B = (nn.Parameter(torch.randn(r, side, side) / side) for _ in range(2))
+        return KroneckerLinear(A, B, None, n, n)
 
-            def make_dense(i, m=m, n=n):
-                x, w = (torch.randn(m, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype))
-                return (lambda: F.linear(x, w)), _nbytes(x, w)
-
-            def make(i, fn, m=m, n=n, r=r, side=side):
-                x = torch.randn(m, n, device=device, dtype=dtype)
-                A, B = (torch.randn(r, side, side, device=device, dtype=dtype) / side for _ in range(2))
-                return (lambda: fn(x, A, B, n)), _nbytes(x, A, B) + m * n * x.element_size()
-
-            dense = _cold(make_dense)
-            ours = _cold(functools.partial(make, fn=K.kronecker_linear))
-            ref = _cold(functools.partial(make, fn=K.kronecker_linear_ref))
-            _print_row(f"{m} × {n}", r, f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{dense / ours:.2f}×",
-                       f"{ref * 1e3:.1f} µs", f"{ref / ours:.2f}×", _tuned_config(K.kernel()))  # fmt: skip
+    _kernel_vs_torch_path(device, dtype, "Kronecker sums (both products on chip, one launch)", "terms", "2 matmuls + permutes",
+                          KRONECKER_SHAPES, KRONECKER_ROWS, module, K.kernel)  # fmt: skip

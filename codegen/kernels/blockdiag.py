@@ -19,9 +19,17 @@ fused epilogue (``codegen.template``) apply in fp32 before the one rounding.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from codegen.kernels.common import DOT_HELPER, UNUSED, KernelError, aux_rows, check_float, dot_flags, rows_of, tile_tail
+from codegen.kernels.common import (
+    DOT_HELPER,
+    UNUSED,
+    KernelError,
+    check_float,
+    dot_flags,
+    launch_rows,
+    reference_epilogue,
+    tile_tail,
+)
 from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
 
 __all__ = ["CONFIGS", "blockdiag_linear", "blockdiag_linear_ref", "kernel"]
@@ -85,26 +93,16 @@ def kernel(epilogue: Epilogue = NO_EPILOGUE):
 
 
 def blockdiag_linear_ref(x, blocks, out_features: int, in_index=None, out_pos=None, bias=None, epilogue: str = "", aux=()):
-    """The semantics, as the module computes it (gather, one batched matmul, scatter), then the epilogue."""
-    b, s, p = blocks.shape
-    lead, n_in = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, n_in)
-    if n_in < b * p:
-        x2 = F.pad(x2, (0, b * p - n_in))
-    if in_index is not None:
-        x2 = x2.index_select(1, in_index)
-    n = x2.shape[0]
-    y = torch.bmm(blocks, x2.reshape(n, b, p).permute(1, 2, 0)).reshape(b * s, n)
-    if out_pos is not None:
-        keep = torch.nonzero(out_pos >= 0).flatten()
-        y = y.new_zeros(out_features, n).index_copy_(0, out_pos[keep].long(), y.index_select(0, keep))
-    else:
-        y = y[:out_features]
-    y = y.t()
-    if bias is not None:
-        y = y + bias
-    y = Epilogue.parse(epilogue).apply_ref(y.float(), [a.reshape(n, out_features) for a in aux])
-    return y.to(x.dtype).reshape(*lead, out_features)
+    """The semantics: the module's torch code (``passes.blockdiag.blockdiag_forward``: gather, one
+    batched matmul, gather back), then the epilogue."""
+    from passes.blockdiag import blockdiag_forward
+
+    out_index = None
+    if out_pos is not None:  # block row -> output column, back to output column -> block row
+        rows = torch.nonzero(out_pos >= 0).flatten()
+        out_index = torch.empty(out_features, dtype=torch.int32, device=out_pos.device)
+        out_index[out_pos[rows].long()] = rows.int()
+    return reference_epilogue(blockdiag_forward(x, blocks, out_features, in_index, out_index, bias), epilogue, aux)
 
 
 def blockdiag_linear(
@@ -135,12 +133,7 @@ def blockdiag_linear(
     check_float("blocks", blocks, x.dtype, x.device)
     if bias is not None:
         check_float("bias", bias, x.dtype, x.device)
-    ep = Epilogue.parse(epilogue)
-    x2 = rows_of(x, n_in)
-    m = x2.shape[0]
-    out_shape = (*x.shape[:-1], out_features)
-    auxs = aux_rows(aux, ep, out_shape, x.device, m, out_features)
-    out = torch.empty((m, out_features), dtype=x.dtype, device=x.device)
+    ep, x2, m, auxs, out, out_shape = launch_rows(x, n_in, out_features, epilogue, aux)
     if m == 0:
         return out.view(out_shape)
     kernel(ep).launch(

@@ -5,6 +5,8 @@ Not a kernel. The Triton source here (:data:`DOT_HELPER`) is pasted into templat
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from codegen.template import Epilogue, interpreting
@@ -15,11 +17,14 @@ __all__ = [
     "ROW_TAIL",
     "UNUSED",
     "KernelError",
+    "LaunchRows",
     "aux_rows",
     "check_float",
     "dot_flags",
+    "launch_rows",
     "next_pow2",
     "parse_epilogue",
+    "reference_epilogue",
     "rows_of",
     "tile_tail",
 ]
@@ -106,6 +111,37 @@ def aux_rows(aux, epilogue: Epilogue, out_shape: tuple[int, ...], device, m: int
             raise KernelError(f"auxiliary tensor {i} is on {a.device}, the output on {device}")
         out.append(a.reshape(m, n).contiguous())
     return out
+
+
+class LaunchRows(NamedTuple):
+    """What a launch of a row-wise operator works on (:func:`launch_rows`)."""
+
+    epilogue: Epilogue
+    x2: torch.Tensor  # the input as row-contiguous (M, in)
+    m: int
+    auxs: list  # the epilogue's operands as contiguous (M, out)
+    out: torch.Tensor  # (M, out), uninitialised
+    shape: tuple  # the output's shape as the caller sees it: (..., out)
+
+
+def launch_rows(x: torch.Tensor, n_in: int, n_out: int, epilogue: str, aux) -> LaunchRows:
+    """The parsed epilogue, ``x`` as ``(M, n_in)`` rows, its checked auxiliary tensors and the
+    ``(M, n_out)`` output buffer in ``x``'s dtype: the preamble every launch wrapper shares."""
+    ep = parse_epilogue(epilogue)
+    x2 = rows_of(x, n_in)
+    m = x2.shape[0]
+    shape = (*x.shape[:-1], n_out)
+    auxs = aux_rows(aux, ep, shape, x.device, m, n_out)
+    return LaunchRows(ep, x2, m, auxs, torch.empty((m, n_out), dtype=x.dtype, device=x.device), shape)
+
+
+def reference_epilogue(y: torch.Tensor, epilogue: str, aux) -> torch.Tensor:
+    """A reference's tail: ``epilogue`` applied in fp32 to ``y`` (``(..., out)``, bias already
+    added), rounded once to ``y``'s dtype."""
+    n_out = y.shape[-1]
+    rows = y.reshape(-1, n_out)
+    out = Epilogue.parse(epilogue).apply_ref(rows.float(), [a.reshape(rows.shape[0], n_out) for a in aux])
+    return out.to(y.dtype).reshape(y.shape)
 
 
 #: What a launch passes for a pointer argument the kernel's constexprs compile out (no bias, no

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from codegen.kernels.common import UNUSED, KernelError, aux_rows, check_float, rows_of, tile_tail
+from codegen.kernels.common import UNUSED, KernelError, check_float, launch_rows, reference_epilogue, tile_tail
 from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
 
 __all__ = ["CONFIGS", "MAX_K", "int8_outlier_linear", "int8_outlier_linear_ref", "kernel"]
@@ -117,8 +117,7 @@ def int8_outlier_linear_ref(x, codes, scale, input_index, outlier_columns, outli
         y.addmm_(rows.index_select(1, outlier_columns.long()).float(), outlier_weight.float().t())
     if bias is not None:
         y.add_(bias.float())
-    y = Epilogue.parse(epilogue).apply_ref(y, [a.reshape(rows.shape[0], out) for a in aux])
-    return y.to(x.dtype).reshape(*lead, out)
+    return reference_epilogue(y.to(x.dtype).reshape(*lead, out), epilogue, aux)
 
 
 def int8_outlier_linear(
@@ -151,12 +150,7 @@ def int8_outlier_linear(
     check_float("x", x)
     if bias is not None:
         check_float("bias", bias, x.dtype, x.device)
-    ep = Epilogue.parse(epilogue)
-    x2 = rows_of(x, x.shape[-1])
-    m = x2.shape[0]
-    out_shape = (*x.shape[:-1], out)
-    auxs = aux_rows(aux, ep, out_shape, x.device, m, out)
-    y = torch.empty((m, out), dtype=x.dtype, device=x.device)
+    ep, x2, m, auxs, y, out_shape = launch_rows(x, x.shape[-1], out, epilogue, aux)
     if m == 0:
         return y.view(out_shape)
     kernel(ep).launch(

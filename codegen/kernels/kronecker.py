@@ -15,9 +15,18 @@ one store. ``X`` must fit a register tile: ``a_in·b_in`` (padded to powers of t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from codegen.kernels.common import DOT_HELPER, ROW_TAIL, UNUSED, KernelError, aux_rows, check_float, dot_flags, next_pow2, rows_of
+from codegen.kernels.common import (
+    DOT_HELPER,
+    ROW_TAIL,
+    UNUSED,
+    KernelError,
+    check_float,
+    dot_flags,
+    launch_rows,
+    next_pow2,
+    reference_epilogue,
+)
 from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
 
 __all__ = ["CONFIGS", "MAX_TILE", "kernel", "kronecker_linear", "kronecker_linear_ref", "supports"]
@@ -90,22 +99,11 @@ def supports(A: torch.Tensor, B: torch.Tensor) -> bool:
 
 
 def kronecker_linear_ref(x, A, B, out_features: int, bias=None, epilogue: str = "", aux=()) -> torch.Tensor:
-    """The semantics, as the module computes it (two matmuls and a permute), then the epilogue."""
-    r, a_out, a_in = A.shape
-    b_out, b_in = B.shape[1:]
-    lead, n_in = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, n_in)
-    if n_in < a_in * b_in:
-        x2 = F.pad(x2, (0, a_in * b_in - n_in))
-    n = x2.shape[0]
-    z = (x2.reshape(n * a_in, b_in) @ B.reshape(r * b_out, b_in).t()).reshape(n, a_in, r, b_out)
-    z = z.permute(0, 3, 2, 1).reshape(n * b_out, r * a_in)
-    y = (z @ A.permute(0, 2, 1).reshape(r * a_in, a_out)).reshape(n, b_out, a_out)
-    y = y.transpose(1, 2).reshape(n, a_out * b_out)[:, :out_features]
-    if bias is not None:
-        y = y + bias
-    y = Epilogue.parse(epilogue).apply_ref(y.float(), [a.reshape(n, out_features) for a in aux])
-    return y.to(x.dtype).reshape(*lead, out_features)
+    """The semantics: the module's torch code (``passes.kronecker.kronecker_forward``: two matmuls
+    and a permute), then the epilogue."""
+    from passes.kronecker import kronecker_forward
+
+    return reference_epilogue(kronecker_forward(x, A, B, out_features, bias), epilogue, aux)
 
 
 def kronecker_linear(x, A, B, out_features: int, bias=None, epilogue: str = "", aux=(), *, wrap=None) -> torch.Tensor:
@@ -132,12 +130,7 @@ def kronecker_linear(x, A, B, out_features: int, bias=None, epilogue: str = "", 
         )
     for name, t in (("A", A), ("B", B)) + ((("bias", bias),) if bias is not None else ()):
         check_float(name, t, x.dtype, x.device)
-    ep = Epilogue.parse(epilogue)
-    x2 = rows_of(x, n_in)
-    m = x2.shape[0]
-    out_shape = (*x.shape[:-1], out_features)
-    auxs = aux_rows(aux, ep, out_shape, x.device, m, out_features)
-    out = torch.empty((m, out_features), dtype=x.dtype, device=x.device)
+    ep, x2, m, auxs, out, out_shape = launch_rows(x, n_in, out_features, epilogue, aux)
     if m == 0:
         return out.view(out_shape)
     kernel(ep).launch(

@@ -45,11 +45,10 @@ from codegen.kernels.common import (
     ROW_TAIL,
     UNUSED,
     KernelError,
-    aux_rows,
     check_float,
     dot_flags,
+    launch_rows,
     next_pow2,
-    rows_of,
     tile_tail,
 )
 from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
@@ -394,12 +393,7 @@ def monarch_linear(
         raise KernelError(f"x has {n_in} features and out is {out_features}; the factors cover {b * p} → {b * s}")
     for name, t in (("L", L), ("R", R)) + ((("bias", bias),) if bias is not None else ()):
         check_float(name, t, x.dtype, x.device)
-    ep = Epilogue.parse(epilogue)
-    x2 = rows_of(x, n_in)
-    m = x2.shape[0]
-    out_shape = (*x.shape[:-1], out_features)
-    auxs = aux_rows(aux, ep, out_shape, x.device, m, out_features)
-    out = torch.empty((m, out_features), dtype=x.dtype, device=x.device)
+    ep, x2, m, auxs, out, out_shape = launch_rows(x, n_in, out_features, epilogue, aux)
     if m == 0:
         return out.view(out_shape)
     L, R = L.contiguous(), R.contiguous()

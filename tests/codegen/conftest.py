@@ -91,6 +91,38 @@ def _compile_fused(model, x):
     return out, seen[0]
 
 
+class _GatedBlock(torch.nn.Module):
+    """``silu(gate(x)) * up(x)``: the SwiGLU tail the fusion pass folds into the gate's kernel."""
+
+    def __init__(self, gate, up):
+        super().__init__()
+        self.gate, self.up = gate, up
+
+    def forward(self, x):
+        return torch.nn.functional.silu(self.gate(x)) * self.up(x)
+
+
+def _assert_gated_tail_fused(gate, up, x, op: str) -> None:
+    """Compiled through the fusion pass, ``silu(gate(x)) * up(x)`` over two rewritten linears that
+    call ``decomp::{op}`` is one kernel with the ``silu,mul`` epilogue, and computes what eager does."""
+    from codegen import dispatch
+
+    model = _GatedBlock(gate, up).eval().to(x.device)
+    fused, (ops_before, report, gm) = _compile_fused(model, x)
+    assert ops_before == {f"decomp.{op}": 2}
+    assert [(f.op, f.steps) for f in report.fused] == [(op, ("silu", "mul"))]
+    assert _count_calls(gm, "silu") == 0 and _count_calls(gm, "mul") == 0
+    with torch.no_grad(), dispatch.force_kernels(False):
+        eager = model(x)
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def gated_tail_fused():
+    """:func:`_assert_gated_tail_fused` as a fixture."""
+    return _assert_gated_tail_fused
+
+
 @pytest.fixture
 def compile_fused():
     """:func:`_compile_fused`: compile through the fusion pass, return the output and what it did."""
