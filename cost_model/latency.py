@@ -2,7 +2,10 @@
 
 The estimate of one op is ``max(flops / peak, bytes / bandwidth) + kernels × launch``: what
 limits a GEMV (batch-1 decode) is the weight bytes, what limits a GEMM (prefill) is the
-FLOPs, and a low-rank pair pays a second launch. Profiles carry nominal peaks; the ``cpu``
+FLOPs, and a low-rank pair pays a second launch. A rewritten op's cost may carry a second
+estimate, ``fused``: the same op as its fused Triton kernel (``codegen``: one launch, the
+intermediates on chip), which is what runs on a GPU; profiles with ``kernels=True`` (``h100``)
+price that one, the others (``cpu``: the torch reference runs there) the first. Profiles carry nominal peaks; the ``cpu``
 one was measured on the 2-core development machine (fp32 GEMM 2048×576×1536: 135-195
 GFLOP/s; a streamed 3.5 MB GEMV: ~54 GB/s in cache, ~15 GB/s from DRAM).
 """
@@ -27,12 +30,15 @@ class DeviceProfile:
         flops_per_s: peak FLOP/s by compute dtype (fp32 entries are used for unlisted dtypes).
         bytes_per_s: sustained memory bandwidth.
         launch_s: fixed cost per kernel launch / op dispatch.
+        kernels: the rewritten layers run their fused kernels here (a CUDA device), so a cost's
+            ``fused`` estimate applies.
     """
 
     name: str
     flops_per_s: dict[torch.dtype, float]
     bytes_per_s: float
     launch_s: float
+    kernels: bool = False
 
     def peak(self, dtype: torch.dtype) -> float:
         return self.flops_per_s.get(dtype, self.flops_per_s[torch.float32])
@@ -40,10 +46,7 @@ class DeviceProfile:
 
 PROFILES: dict[str, DeviceProfile] = {
     "cpu": DeviceProfile(
-        "cpu",
-        {torch.float32: 150e9, torch.bfloat16: 150e9, torch.float16: 75e9},
-        bytes_per_s=15e9,
-        launch_s=5e-6,
+        "cpu", {torch.float32: 150e9, torch.bfloat16: 150e9, torch.float16: 75e9}, bytes_per_s=15e9, launch_s=5e-6
     ),
     # H100 SXM dense peaks (no sparsity): fp32 on CUDA cores, tf32 not assumed.
     "h100": DeviceProfile(
@@ -51,6 +54,7 @@ PROFILES: dict[str, DeviceProfile] = {
         {torch.float32: 67e12, torch.bfloat16: 989e12, torch.float16: 989e12},
         bytes_per_s=3.35e12,
         launch_s=4e-6,
+        kernels=True,
     ),
 }
 
@@ -67,14 +71,30 @@ def get_profile(name: str | DeviceProfile) -> DeviceProfile:
 
 @dataclass(frozen=True)
 class MatmulCost:
-    """FLOPs, bytes moved and kernel launches of an op (or a chain of ops)."""
+    """FLOPs, bytes moved and kernel launches of an op (or a chain of ops).
+
+    ``fused``: the same op run as its fused kernel, where that differs (fewer launches, no
+    intermediates through memory); None when the op is the same either way. Sums keep it: the
+    fused estimate of a sum is the sum of each part's fused (or only) estimate.
+    """
 
     flops: int
     bytes: int
     kernels: int
+    fused: MatmulCost | None = None
 
     def __add__(self, other: MatmulCost) -> MatmulCost:
-        return MatmulCost(self.flops + other.flops, self.bytes + other.bytes, self.kernels + other.kernels)
+        fused = None
+        if self.fused is not None or other.fused is not None:
+            fused = (self.fused or self._plain()) + (other.fused or other._plain())
+        return MatmulCost(self.flops + other.flops, self.bytes + other.bytes, self.kernels + other.kernels, fused)
+
+    def _plain(self) -> MatmulCost:
+        return MatmulCost(self.flops, self.bytes, self.kernels)
+
+    def on(self, profile: DeviceProfile) -> MatmulCost:
+        """The estimate that applies on ``profile``: the fused one where its kernels run."""
+        return self.fused if profile.kernels and self.fused is not None else self._plain()
 
 
 def matmul_cost(rows: int, k: int, n: int, weight_bytes: int, act_size: int = 4) -> MatmulCost:
@@ -83,7 +103,8 @@ def matmul_cost(rows: int, k: int, n: int, weight_bytes: int, act_size: int = 4)
 
 
 def roofline_seconds(cost: MatmulCost, profile: DeviceProfile, dtype: torch.dtype = torch.float32) -> float:
-    """Roofline time of ``cost`` on ``profile``."""
+    """Roofline time of ``cost`` on ``profile`` (its fused estimate where the kernels run)."""
+    cost = cost.on(profile)
     return max(cost.flops / profile.peak(dtype), cost.bytes / profile.bytes_per_s) + cost.kernels * profile.launch_s
 
 

@@ -371,8 +371,11 @@ class BlockDiagTransform(StructuredTransform):
         b = config.nblocks
         s, p = config.blocks(out, inn)
         gathers = 2 if config.permute else 0
-        moved = self.nbytes(config, out, inn, size) + size * rows * (b * p * (1 + gathers) + b * s + out * (1 + gathers))
-        return MatmulCost(2 * rows * b * s * p, moved, 2 + gathers)
+        weights = self.nbytes(config, out, inn, size)
+        moved = weights + size * rows * (b * p * (1 + gathers) + b * s + out * (1 + gathers))
+        # decomp::blockdiag_linear (GPU): one launch, the permutations in its loads and store
+        fused = MatmulCost(2 * rows * b * s * p, weights + size * rows * (inn + out), 1)
+        return MatmulCost(2 * rows * b * s * p, moved, 2 + gathers, fused)
 
 
 register_transform(BlockDiagTransform())

@@ -387,8 +387,12 @@ def outlier_candidate(
     if not math.isfinite(error):  # fp16 outlier columns or scales past 65504
         return None
     size = site.nbytes // site.numel
-    # quantizing the activations and the outlier matmul are two more launches
-    cost = sum((matmul_cost(u.rows, inn, out, nbytes, size) + MatmulCost(0, 0, 2) for u in site.uses), MatmulCost(0, 0, 0))
+    # quantizing the activations and the outlier matmul are two more launches; on a GPU
+    # (decomp::int8_outlier_linear) all of it is one
+    cost = MatmulCost(0, 0, 0)
+    for u in site.uses:
+        one = matmul_cost(u.rows, inn, out, nbytes, size)
+        cost = cost + MatmulCost(one.flops, one.bytes, one.kernels + 2, one)
     return Candidate(config, nbytes, max(0.0, error), cost)
 
 

@@ -391,7 +391,15 @@ class KroneckerTransform(StructuredTransform):
         flops = 2 * rows * r * (a_in * b_in * b_out + b_out * a_in * a_out)
         weight = r * (a_out * a_in + b_out * b_in) * size
         moved = weight + size * rows * (a_in * b_in + 3 * a_in * r * b_out + 2 * a_out * b_out)
-        return MatmulCost(flops, moved, 4)
+        # decomp::kronecker_linear (GPU): one launch, both products on chip, for input matrices that
+        # fit its register tile (larger ones run the torch path there too)
+        from codegen.kernels.common import next_pow2
+        from codegen.kernels.kronecker import MAX_TILE
+
+        fused = None
+        if next_pow2(max(16, a_in)) * next_pow2(max(16, b_in)) <= MAX_TILE:
+            fused = MatmulCost(flops, weight + size * rows * (inn + out), 1)
+        return MatmulCost(flops, moved, 4, fused)
 
 
 register_transform(KroneckerTransform())

@@ -246,9 +246,7 @@ def _basis(site: WeightSite, w: torch.Tensor, stats: SiteStats | None, keep: int
     weights = stats.token_counts + 1.0
     energy, v = _eigh_desc((w * weights[:, None]).T @ w)
     lookup_error = _tail(energy, keep) / weights.sum()
-    head_error = (
-        _head_error_of_input_basis(w, stats.covariance, v, keep) if linears and stats.covariance is not None else None
-    )
+    head_error = _head_error_of_input_basis(w, stats.covariance, v, keep) if linears and stats.covariance is not None else None
     if sens:
         residual = 0.5 * sum(sens.get(use.module, 0.0) for use in lookups) * lookup_error
         if head_error is not None:
@@ -340,8 +338,10 @@ class LowRankTransform(Transform):
             if use.kind is UseKind.EMBEDDING:
                 total = total + MatmulCost(0, use.rows * r * size * 2, 1) + matmul_cost(use.rows, r, inn, r * inn * size, size)
             else:
-                total = total + matmul_cost(use.rows, inn, r, r * inn * size, size)
-                total = total + matmul_cost(use.rows, r, out, r * out * size, size)
+                pair = matmul_cost(use.rows, inn, r, r * inn * size, size) + matmul_cost(use.rows, r, out, r * out * size, size)
+                # decomp::lowrank_linear (GPU): one launch, the (rows × r) intermediate never in memory
+                fused = MatmulCost(pair.flops, r * (inn + out) * size + use.rows * (inn + out) * size, 1)
+                total = total + MatmulCost(pair.flops, pair.bytes, pair.kernels, fused)
         return total
 
     def rewrite(self, model: nn.Module, site: WeightSite, config: TransformConfig, ws: Workspace) -> None:

@@ -344,9 +344,7 @@ def _start_basis(p: _Problem, width: int) -> torch.Tensor:
     return _refine(p, x, p.weigh(x), u, _INIT_STEPS)[0]
 
 
-def alternate(
-    p: _Problem, storage: QuantConfig, rank: int, basis: torch.Tensor, iterations: int = ITERATIONS
-) -> Alternation:
+def alternate(p: _Problem, storage: QuantConfig, rank: int, basis: torch.Tensor, iterations: int = ITERATIONS) -> Alternation:
     """Run the alternation for one option from W's basis ``basis`` (≥ rank + oversampling wide)."""
     u = basis[:, : min(rank + _OVERSAMPLE, basis.shape[1])]
     x = p.orient(p.w)
@@ -424,9 +422,7 @@ class LQTransform(Transform):
         if not isinstance(config, LQConfig):
             raise TypeError(f"the lq transform does not handle {type(config).__name__}")
         if not self._supported(site, model):
-            raise ValueError(
-                f"{site.name} cannot take LQ: 1×1 convolutions and max_norm/sparse embeddings are not handled"
-            )
+            raise ValueError(f"{site.name} cannot take LQ: 1×1 convolutions and max_norm/sparse embeddings are not handled")
         if config.rank > min(site.matrix_shape):
             raise ValueError(f"rank {config.rank} exceeds {site.name}'s smaller dimension {min(site.matrix_shape)}")
 
@@ -471,9 +467,14 @@ class LQTransform(Transform):
                 total = total + MatmulCost(0, use.rows * (-(-q_bytes // out) + r * size + inn * size), 1)
                 total = total + matmul_cost(use.rows, r, inn, r * inn * size, size)
             else:  # Q's matmul (dequantization fused) plus the two thin ones
-                total = total + matmul_cost(use.rows, inn, out, q_bytes, size)
-                total = total + matmul_cost(use.rows, inn, r, r * inn * size, size)
-                total = total + matmul_cost(use.rows, r, out, r * out * size, size)
+                parts = (
+                    matmul_cost(use.rows, inn, out, q_bytes, size)
+                    + matmul_cost(use.rows, inn, r, r * inn * size, size)
+                    + matmul_cost(use.rows, r, out, r * out * size, size)
+                )
+                # decomp::quant_linear with the low-rank term (GPU): one launch, (x·L2ᵀ) on chip
+                fused = MatmulCost(parts.flops, q_bytes + r * (inn + out) * size + use.rows * (inn + out) * size, 1)
+                total = total + MatmulCost(parts.flops, parts.bytes, parts.kernels, fused)
         return total
 
     def rewrite(self, model: nn.Module, site: WeightSite, config: TransformConfig, ws: Workspace) -> None:

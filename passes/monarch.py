@@ -63,13 +63,7 @@ from torch import nn
 from codegen import dispatch
 from cost_model import MatmulCost
 from passes.config import TransformConfig, register_config
-from passes.structured_base import (
-    FactorSpec,
-    Fit,
-    Problem,
-    StructuredTransform,
-    single_threaded,
-)
+from passes.structured_base import FactorSpec, Fit, Problem, StructuredTransform, single_threaded
 from passes.transform import register_transform
 
 __all__ = [
@@ -490,7 +484,13 @@ class MonarchTransform(StructuredTransform):
         params = b * k * b * (s + p)
         # two bmm's; activations: read x, write and read the b·b·k intermediate, transpose the output
         moved = params * size + size * rows * (b * p + 2 * b * b * k + 2 * out)
-        return MatmulCost(2 * rows * params, moved, 3 + (b * p != inn))
+        # decomp::monarch_linear (GPU): one launch up to 4 rows (no intermediate in memory), else
+        # the two stages with the permutation fused into the first's store
+        if rows <= 4:
+            fused = MatmulCost(2 * rows * params, params * size + size * rows * (inn + out), 1)
+        else:
+            fused = MatmulCost(2 * rows * params, params * size + size * rows * (inn + 2 * b * b * k + out), 2)
+        return MatmulCost(2 * rows * params, moved, 3 + (b * p != inn), fused)
 
 
 register_transform(MonarchTransform())

@@ -1,0 +1,74 @@
+"""Latency estimates: a rewritten op's fused-kernel estimate applies where its kernels run (GPU
+profiles), its torch path's elsewhere; every kernel-backed family offers one."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from cost_model import MatmulCost, get_profile, roofline_seconds
+from ir import sites_from_modules
+from passes.blockdiag import BlockDiagConfig, BlockDiagTransform
+from passes.kronecker import KroneckerConfig, KroneckerTransform
+from passes.lowrank import LowRankTransform
+from passes.lq import LQConfig, LQTransform
+from passes.monarch import MonarchConfig, MonarchTransform
+
+CPU, H100 = get_profile("cpu"), get_profile("h100")
+
+
+def test_sums_keep_the_fused_estimate_and_profiles_pick_theirs():
+    pair = MatmulCost(10, 1000, 2, MatmulCost(10, 400, 1))
+    plain = MatmulCost(5, 100, 1)
+    total = pair + plain
+    assert total.on(CPU) == MatmulCost(15, 1100, 3)
+    assert total.on(H100) == MatmulCost(15, 500, 2)  # the plain part counts as it is in both
+    assert (plain + plain).fused is None and (plain + plain).on(H100) == MatmulCost(10, 200, 2)
+    assert roofline_seconds(total, H100) < roofline_seconds(MatmulCost(15, 1100, 3), H100)
+    assert roofline_seconds(total, CPU) == roofline_seconds(MatmulCost(15, 1100, 3), CPU)
+
+
+@pytest.mark.parametrize(
+    "transform, config",
+    [
+        (MonarchTransform(), MonarchConfig(16, 1)),
+        (BlockDiagTransform(), BlockDiagConfig(4)),
+        (KroneckerTransform(), KroneckerConfig(64, 64, 2)),
+    ],
+    ids=["monarch", "blockdiag", "kronecker"],
+)
+def test_structured_ops_are_one_launch_at_decode_on_a_gpu(transform, config):
+    cost = transform.op_cost(config, 1, 4096, 4096, 2)
+    assert cost.kernels >= 2 and cost.on(CPU).kernels == cost.kernels  # the torch path: several ops
+    assert cost.on(H100).kernels == 1 and cost.on(H100).bytes < cost.bytes  # one launch, no intermediate copies
+    assert cost.on(H100).flops == cost.flops
+
+
+def test_kronecker_factors_past_the_kernels_tile_keep_the_torch_path():
+    cost = KroneckerTransform().op_cost(KroneckerConfig(8, 8, 1), 1, 16384, 16384, 2)  # a 8 × 2048 input matrix
+    assert cost.fused is None and cost.on(H100).kernels == 4
+
+
+def _site(out=256, inn=512, rows=64):
+    """A linear's site processing ``rows`` activation rows (sites rebuilt from modules have none)."""
+    site = sites_from_modules(nn.Sequential(nn.Linear(inn, out)), ["0.weight"])[0]
+    return dataclasses.replace(site, uses=tuple(dataclasses.replace(u, rows=rows) for u in site.uses))
+
+
+def test_low_rank_and_lq_run_as_one_kernel_on_a_gpu():
+    site = _site()
+    lowrank = LowRankTransform._cost(site, 32, 4)
+    assert lowrank.on(CPU).kernels == 2 and lowrank.on(H100).kernels == 1
+    assert lowrank.on(H100).bytes < lowrank.bytes  # the rank-r intermediate stays on chip
+    lq = LQTransform._cost(site, LQConfig(16, 4, 64), 0, 4)
+    assert lq.on(CPU).kernels == 3 and lq.on(H100).kernels == 1
+
+
+def test_gpu_latency_of_a_low_rank_layer_counts_one_launch():
+    cost = LowRankTransform._cost(_site(), 32, 2)
+    fused = cost.on(H100)
+    expected = max(fused.flops / H100.peak(torch.float32), fused.bytes / H100.bytes_per_s) + H100.launch_s
+    assert roofline_seconds(cost, H100) == pytest.approx(expected)
