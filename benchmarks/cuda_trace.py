@@ -2,6 +2,7 @@
 
     python benchmarks/cuda_trace.py              # 2 SmolLM2-structured layers (tiny widths)
     python benchmarks/cuda_trace.py --layers 4 --json
+    python benchmarks/cuda_trace.py --mixed      # layer 0: one linear per rewritten family
 
 On a machine without CUDA the operators take their CPU branch, so a CPU compile never shows the
 graph a GPU would get. This script makes the operators take their CUDA branch on CPU tensors
@@ -75,6 +76,40 @@ def _incompatible(gm: torch.fx.GraphModule):
     return None
 
 
+def _kernel_name(node: torch.fx.Node) -> str:
+    """The Triton kernel a ``triton_kernel_wrapper_*`` node launches."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+    while not hasattr(kernel, "__name__") and hasattr(kernel, "fn"):  # autotuner → jitted function
+        kernel = kernel.fn
+    return getattr(kernel, "__name__", type(kernel).__name__)
+
+
+def _mixed_plan(model, layers: int):
+    """One rewritten family per linear of layer 0 (low-rank, LQ, Monarch, block-diagonal, Kronecker,
+    LLM.int8(), int4), int4 g32 on the other layers: every kernel's CUDA branch in one graph."""
+    from passes import Plan
+    from passes.blockdiag import BlockDiagConfig
+    from passes.int8_outlier import Int8OutlierConfig
+    from passes.kronecker import KroneckerConfig
+    from passes.lowrank import LowRankConfig
+    from passes.lq import LQConfig
+    from passes.monarch import MonarchConfig
+    from passes.quant_storage import IntNConfig
+
+    first = {"self_attn.q_proj": LowRankConfig(8, activation_aware=False), "self_attn.k_proj": LQConfig(8, 4, 32, activation_aware=False),
+             "self_attn.v_proj": MonarchConfig(4, activation_aware=False), "self_attn.o_proj": BlockDiagConfig(2, activation_aware=False),
+             "mlp.gate_proj": KroneckerConfig(8, 8, 1, activation_aware=False), "mlp.up_proj": Int8OutlierConfig(threshold=2.5),
+             "mlp.down_proj": IntNConfig(4, 32)}  # fmt: skip
+    plan = {}
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and ".layers." in name:
+            layer, linear = name.split(".layers.")[1].split(".", 1)
+            plan[name] = first[linear.removesuffix(".weight")] if layer == "0" else IntNConfig(4, 32)
+    return Plan(plan)
+
+
 def _inspect(report: list):
     """An AOT forward compiler recording what inductor would receive; the graph returns zeros."""
 
@@ -85,8 +120,10 @@ def _inspect(report: list):
         static = set(context.fw_metadata.static_input_indices) if context and context.fw_metadata else set()
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         kernels = [n for n in gm.graph.nodes if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target)]
+        names = collections.Counter(_kernel_name(n) for n in kernels)
         report.append({
             "kernels": len(kernels),
+            "kernel_names": dict(sorted(names.items())),
             "cloned": sorted({name for n in kernels for name in n.kwargs.get("tensors_to_clone", [])}),
             "rms_norms_left": sum(1 for n in gm.graph.nodes if n.op == "call_function" and "rsqrt" in str(n.target)),
             "cudagraph_incompatible": None if (bad := _incompatible(gm)) is None else bad.format_node(),
@@ -109,9 +146,10 @@ def _inspect(report: list):
     return compiler
 
 
-def trace(layers: int = 2) -> dict:
+def trace(layers: int = 2, mixed: bool = False) -> dict:
     """Compile one decode step of an int4 g32 Llama (SmolLM2's structure at tiny widths) on the
-    operators' CUDA branch; returns graph breaks, the fusion report and each graph's record."""
+    operators' CUDA branch; returns graph breaks, the fusion report and each graph's record.
+    ``mixed``: layer 0's seven linears each rewritten by another family (:func:`_mixed_plan`)."""
     from torch._dynamo.backends.registry import register_backend
     from torch._dynamo.utils import counters
     from torch._functorch.aot_autograd import aot_module_simplified
@@ -130,7 +168,11 @@ def trace(layers: int = 2) -> dict:
     torch.manual_seed(0)
     dense = LlamaForCausalLM(cfg).half().eval()
     names = [n for n, p in dense.named_parameters() if p.dim() == 2 and ".layers." in n]
-    model = passes.apply(dense, passes.Plan({n: IntNConfig(4, 32) for n in names}), progress=False)
+    if mixed:  # LLM.int8() finds its outlier columns on calibration data
+        batches = [(torch.randint(0, TINY["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(i)),) for i in range(2)]
+        model = passes.apply(dense, _mixed_plan(dense, layers), calibration=batches, progress=False)
+    else:
+        model = passes.apply(dense, passes.Plan({n: IntNConfig(4, 32) for n in names}), progress=False)
     cache = StaticCache(config=cfg, max_cache_len=32)
     with torch.no_grad():
         model(input_ids=torch.arange(1, 5)[None], past_key_values=cache, cache_position=torch.arange(4), use_cache=True)
@@ -157,7 +199,7 @@ def trace(layers: int = 2) -> dict:
     from codegen import analysis_cache
 
     analyses = analysis_cache.stats()
-    return {"layers": layers, "graph_breaks": sum(counters["graph_break"].values()), "fusion": fusion, "graphs": graphs,
+    return {"layers": layers, "mixed": mixed, "graph_breaks": sum(counters["graph_break"].values()), "fusion": fusion, "graphs": graphs,
             "kernel_analyses": analyses["misses"], "kernel_analyses_memoized": analyses["hits"]}  # fmt: skip
 
 
@@ -165,8 +207,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print the record as JSON")
+    parser.add_argument("--mixed", action="store_true", help="layer 0's linears each of another family (every kernel)")
     args = parser.parse_args(argv)
-    result = trace(args.layers)
+    result = trace(args.layers, args.mixed)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -179,6 +222,7 @@ def main(argv=None) -> int:
         print(f"graph {i}: {g['kernels']} Triton kernels ({g['kernels'] / args.layers:.1f} per layer), "
               f"{g['rms_norms_left']} RMSNorm(s) left to inductor; buffers cloned for kernels: {g['cloned']}")  # fmt: skip
         print(f"  CUDA-graph incompatible node: {g['cudagraph_incompatible']}; non-static inputs: {g['non_static_inputs']}")
+        print(f"  kernels: {g['kernel_names']}")
     return 0
 
 

@@ -34,3 +34,27 @@ def test_int4_decode_step_is_one_cuda_graph_friendly_graph_of_grouped_kernels():
     assert len(graph["non_static_inputs"]) == 1, graph["non_static_inputs"]  # the token ids; weights and cache are static
     # torch analyses what each kernel call writes (TTIR); ours once per kernel and signature: 4, not one per call
     assert record["kernel_analyses"] <= 4 < record["kernel_analyses"] + record["kernel_analyses_memoized"], record
+
+
+def test_every_rewritten_family_compiles_into_one_cuda_graph_friendly_graph():
+    """Layer 0's seven linears each of another family (low-rank, LQ, Monarch, block-diagonal,
+    Kronecker, LLM.int8(), int4): each is one kernel on the CUDA branch, epilogues fused, no graph
+    break, nothing CUDA graphs refuse, nothing cloned but kernel outputs."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--mixed", "--json"], check=False, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads(run.stdout.strip().splitlines()[-1])
+    assert record["graph_breaks"] == 0 and len(record["graphs"]) == 1, record
+    graph = record["graphs"][0]
+    names = graph["kernel_names"]
+    for kernel in ("_lowrank_linear_kernel", "_monarch_gemv_kernel", "_blockdiag_linear_kernel_add",
+                   "_kronecker_linear_kernel_silu_mul", "_int8_outlier_kernel"):  # fmt: skip
+        assert names.get(kernel) == 1, names
+    # layer 0: 7 kernels (o_proj + residual, gate·up SwiGLU, down + residual fused); layer 1: 4 grouped
+    assert graph["kernels"] == 7 + 4, names
+    assert graph["cudagraph_incompatible"] is None
+    assert set(graph["cloned"]) <= {"out_ptr", "out0_ptr", "out1_ptr", "out2_ptr"}, graph["cloned"]
+    assert len(graph["non_static_inputs"]) == 1, graph["non_static_inputs"]
