@@ -132,9 +132,10 @@ def variants(quick: bool):
                     group_pointers[f"w{w}_ptr"] = code_ty
                 group_consts = {k: consts[k] for k in ("KIND", "BITS", "GROUP", "DQ")} | {"HAS_BIAS": False}
                 full = dt == "fp16" and not quick
-                for w, pair in ((3, False), (2, True)):  # with the RMSNorm folded in, as decode runs them
-                    out.append((f"dequant gemv group {'pair' if pair else 'w3'} norm {fmt} {dt}", dequant.gemv_group_kernel(),
-                                group_pointers, group_consts | {"W": w, "PAIR": pair, "NORM": True},
+                for w, pair, bias in ((3, False, False), (2, True, False), (3, False, True)):  # as decode runs them
+                    out.append((f"dequant gemv group {'pair' if pair else 'w3'}{' bias' if bias else ''} norm {fmt} {dt}",
+                                dequant.gemv_group_kernel(), group_pointers,
+                                group_consts | {"W": w, "PAIR": pair, "NORM": True, "HAS_BIAS": bias},
                                 dequant.GEMV_CONFIGS if full else dequant.GEMV_CONFIGS[:1]))  # fmt: skip
     for dt in ("fp16", "bf16", "fp32") if not quick else ("fp16",):
         full = dt == "fp16" and not quick
@@ -295,6 +296,9 @@ def launch_cases():
                     lambda x=x, c=codes, k=consts, s=f.spec: dequant.quant_linear_group(x, [c] * 3, [k] * 3, s, 256, False),
                 )
             )
+            cases.append((f"quant_linear_group q/k/v biased {f.spec} {dt}",
+                          lambda x=x, c=codes, k=consts, s=f.spec, b=bias: dequant.quant_linear_group(x, [c] * 3, [k] * 3, s, 256, False,
+                                                                                                    biases=[b] * 3)))  # fmt: skip
             cases.append(
                 (
                     f"quant_linear_group pair+norm {f.spec} {dt}",

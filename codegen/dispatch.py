@@ -117,11 +117,11 @@ def quant_linear(x, packed, bias=None, down=None, up=None, epilogue: str = "", a
 
 
 def quant_linear_group(
-    x, packed, pair: bool = False, epilogue: str = "", aux=(), norm_weight=None, eps: float = 0.0
+    x, packed, pair: bool = False, epilogue: str = "", aux=(), norm_weight=None, eps: float = 0.0, biases=()
 ) -> list[torch.Tensor]:
     """``decomp::quant_linear_group`` over two or three ``PackedWeight``s of one format and input
-    size: ``[epilogue(silu(x·W₀ᵀ)·(x·W₁ᵀ))]`` (``pair``) or ``[x·Wᵢᵀ for each]``, one launch at
-    decode sizes (``codegen.fusion`` emits it for sibling linears in compiled graphs); with
+    size: ``[epilogue(silu(x·W₀ᵀ)·(x·W₁ᵀ))]`` (``pair``) or ``[x·Wᵢᵀ (+ biases[i]) for each]``, one
+    launch at decode sizes (``codegen.fusion`` emits it for sibling linears in compiled graphs); with
     ``norm_weight``, of HF Llama's RMSNorm of x (weight ``norm_weight``, ``eps``) instead of x."""
     from codegen.kernels.common import KernelError
 
@@ -134,9 +134,9 @@ def quant_linear_group(
     if _direct(x):
         from codegen.kernels import dequant
 
-        return dequant.quant_linear_group(x, codes, constants, spec, cols, pair, epilogue, aux, norm_weight, eps)
+        return dequant.quant_linear_group(x, codes, constants, spec, cols, pair, epilogue, aux, norm_weight, eps, biases)
     flat = [c for per in constants for c in per]
-    return _ops().quant_linear_group(x, codes, flat, spec, cols, pair, epilogue, list(aux), norm_weight, eps)
+    return _ops().quant_linear_group(x, codes, flat, spec, cols, pair, epilogue, list(aux), norm_weight, eps, list(biases))
 
 
 def kernel_args(config, in_features: int) -> tuple[str, tuple[str, ...], int]:

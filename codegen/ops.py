@@ -11,7 +11,7 @@ implementations come from the bodies themselves (``triton_op`` traces them with 
 |---|---|---|
 | ``decomp::lowrank_linear(x, down, up, bias, epilogue, aux)`` | ``ep((x·downᵀ)·upᵀ + b)`` | ``LowRankLinear`` |
 | ``decomp::quant_linear(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux)`` | ``ep(x·deq(W)ᵀ [+ (x·downᵀ)·upᵀ] + b)`` | ``QuantizedLinear``, ``LQLinear`` |
-| ``decomp::quant_linear_group(x, codes[], constants[], fmt, cols, pair, epilogue, aux, norm_weight, eps)`` | ``[ep(silu(x'·W₀ᵀ)·(x'·W₁ᵀ))]`` or ``[x'·W₀ᵀ, x'·W₁ᵀ, …]``, x' = x or its RMSNorm | sibling ``QuantizedLinear``s (``codegen.siblings``) |
+| ``decomp::quant_linear_group(x, codes[], constants[], fmt, cols, pair, epilogue, aux, norm_weight, eps, biases)`` | ``[ep(silu(x'·W₀ᵀ)·(x'·W₁ᵀ))]`` or ``[x'·W₀ᵀ + b₀, x'·W₁ᵀ + b₁, …]``, x' = x or its RMSNorm | sibling ``QuantizedLinear``s (``codegen.siblings``) |
 | ``decomp::monarch_linear(x, L, R, out_features, bias, epilogue, aux)`` | ``ep(monarch(x) + b)`` | ``MonarchLinear`` |
 | ``decomp::blockdiag_linear(x, blocks, out_features, in_index, out_pos, bias, epilogue, aux)`` | ``ep(blockdiag(x) + b)``, permutations fused | ``BlockDiagLinear`` |
 | ``decomp::kronecker_linear(x, A, B, out_features, bias, epilogue, aux)`` | ``ep(Σ_t (A_t ⊗ B_t)·x + b)`` | ``KroneckerLinear`` |
@@ -162,15 +162,16 @@ def _group_host(
     aux: list[Tensor],
     norm_weight: Tensor | None,
     eps: float,
+    biases: list[Tensor],
 ) -> list[Tensor]:
     per = _per_weight(constants, fmt, len(codes))
     if interpreter_active():
-        return _dequant.quant_linear_group(x, codes, per, fmt, cols, pair, epilogue, aux, norm_weight, eps)
-    return _dequant.quant_linear_group_ref(x, codes, per, fmt, cols, pair, epilogue, aux, norm_weight, eps)
+        return _dequant.quant_linear_group(x, codes, per, fmt, cols, pair, epilogue, aux, norm_weight, eps, biases)
+    return _dequant.quant_linear_group_ref(x, codes, per, fmt, cols, pair, epilogue, aux, norm_weight, eps, biases)
 
 
 @_group_host.register_fake
-def _(x, codes, constants, fmt, cols, pair, epilogue, aux, norm_weight, eps):
+def _(x, codes, constants, fmt, cols, pair, epilogue, aux, norm_weight, eps, biases):
     return [x.new_empty((*x.shape[:-1], c.shape[0])) for c in (codes[:1] if pair else codes)]
 
 
@@ -186,15 +187,18 @@ def quant_linear_group(
     aux: list[Tensor],
     norm_weight: Tensor | None,
     eps: float,
+    biases: list[Tensor],
 ) -> list[Tensor]:
     """Two or three quantized linears on one input in one launch: ``[epilogue(silu(x·W₀ᵀ)·(x·W₁ᵀ))]``
-    (``pair``) or ``[x·W₀ᵀ, x·W₁ᵀ, …]``, of ``rms_norm(x)`` when ``norm_weight`` is given;
-    ``constants`` is every weight's constant buffers, one weight after the other. See
+    (``pair``) or ``[x·W₀ᵀ (+ b₀), x·W₁ᵀ (+ b₁), …]``, of ``rms_norm(x)`` when ``norm_weight`` is
+    given; ``constants`` is every weight's constant buffers, one weight after the other. See
     :func:`codegen.kernels.dequant.quant_linear_group`."""
     if _on_gpu(x):
         per = _per_weight(constants, fmt, len(codes))
-        return _dequant.quant_linear_group(x, codes, per, fmt, cols, pair, epilogue, aux, norm_weight, eps, wrap=wrap_triton)
-    return torch.ops.decomp.quant_linear_group_host(x, codes, constants, fmt, cols, pair, epilogue, aux, norm_weight, eps)
+        return _dequant.quant_linear_group(
+            x, codes, per, fmt, cols, pair, epilogue, aux, norm_weight, eps, biases, wrap=wrap_triton
+        )
+    return torch.ops.decomp.quant_linear_group_host(x, codes, constants, fmt, cols, pair, epilogue, aux, norm_weight, eps, biases)
 
 
 # ---- Monarch --------------------------------------------------------------------------------

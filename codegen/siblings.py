@@ -7,7 +7,7 @@ one ``decomp::quant_linear_group`` call followed by a ``getitem`` per output; th
 recompiles.
 
 At decode sizes (at most ``GEMV_MAX_M`` rows, known statically), sibling quantized linears — same
-input node, same format and input size, no bias or low-rank term — become one launch
+input node, same format and input size, no low-rank term, all with a bias or none — become one launch
 (:class:`Grouped`): a SwiGLU pair (``gate`` fused with ``silu,mul`` of an ``up`` used nowhere else)
 computes ``silu(gate)·up`` in one kernel, up's output never stored; other siblings (q/k/v) two or
 three to a launch, each output its own tensor. When a group's input is an RMSNorm's output used
@@ -51,12 +51,15 @@ class Grouped:
 
 
 def _sibling_key(node: fx.Node) -> tuple | None:
-    """(input node, format, columns) of a ``decomp::quant_linear`` call the grouped kernel can take:
-    positional arguments, no bias or low-rank term, tensor nodes, a known row count ≤ ``GEMV_MAX_M``."""
+    """(input node, format, columns, has bias) of a ``decomp::quant_linear`` call the grouped kernel
+    can take: positional arguments, no low-rank term, tensor nodes, a known row count ≤
+    ``GEMV_MAX_M``. Biased linears (Qwen2's q/k/v) group only with biased ones, and never as a pair."""
     if _decomp_op(node) != "quant_linear" or node.kwargs or len(node.args) != 10:
         return None
     x, codes, constants, fmt, cols, bias, down, up, _, _ = node.args
-    if bias is not None or down is not None or up is not None or not isinstance(x, fx.Node):
+    if down is not None or up is not None or not isinstance(x, fx.Node):
+        return None
+    if bias is not None and not isinstance(bias, fx.Node):
         return None
     if not isinstance(codes, fx.Node) or not all(isinstance(c, fx.Node) for c in constants):
         return None
@@ -70,7 +73,7 @@ def _sibling_key(node: fx.Node) -> tuple | None:
         rows *= d
     if not 0 < rows <= GEMV_MAX_M:
         return None
-    return x, fmt, cols
+    return x, fmt, cols, bias is not None
 
 
 def _group_call(gm: fx.GraphModule, before: fx.Node, members: list[fx.Node], pair: bool, epilogue: str, aux) -> list[fx.Node]:
@@ -78,9 +81,11 @@ def _group_call(gm: fx.GraphModule, before: fx.Node, members: list[fx.Node], pai
     x, _, _, fmt, cols = members[0].args[:5]
     codes = [n.args[1] for n in members]
     constants = [c for n in members for c in n.args[2]]
+    biases = [n.args[5] for n in members if n.args[5] is not None]
     with gm.graph.inserting_before(before):
         call = gm.graph.call_function(
-            torch.ops.decomp.quant_linear_group.default, (x, codes, constants, fmt, cols, pair, epilogue, list(aux), None, 0.0)
+            torch.ops.decomp.quant_linear_group.default,
+            (x, codes, constants, fmt, cols, pair, epilogue, list(aux), None, 0.0, biases),
         )
         items = [gm.graph.call_function(operator.getitem, (call, i)) for i in range(1 if pair else len(members))]
     vals = [n.meta.get("val", n.meta.get("example_value")) for n in ([before] if pair else members)]
@@ -107,8 +112,15 @@ def group_siblings(gm: fx.GraphModule) -> list[Grouped]:
         if steps[:2] != ["silu", "mul"] or not aux:
             continue
         up = aux[0]
-        if not isinstance(up, fx.Node) or _sibling_key(up) != key or up.args[8] != "" or up.args[9] or len(up.users) != 1:
-            continue
+        if (
+            key[3]
+            or not isinstance(up, fx.Node)
+            or _sibling_key(up) != key
+            or up.args[8] != ""
+            or up.args[9]
+            or len(up.users) != 1
+        ):
+            continue  # (a pair takes no biases)
         (item,) = _group_call(gm, node, [node, up], True, ",".join(steps[2:]), aux[1:])
         item.meta.update(node.meta)
         node.replace_all_uses_with(item)
@@ -128,7 +140,7 @@ def group_siblings(gm: fx.GraphModule) -> list[Grouped]:
             if len(members) < 2:
                 continue
             first = members[0]
-            tensors = [t for n in members for t in (n.args[1], *n.args[2])]
+            tensors = [t for n in members for t in (n.args[1], *n.args[2], *([n.args[5]] if n.args[5] is not None else []))]
             late = [t for t in tensors if order[t] > order[first]]
             if any(t.op != "get_attr" for t in late):
                 continue  # a weight computed between the siblings: leave them
@@ -220,7 +232,7 @@ def _fold_norms(gm: fx.GraphModule, grouped: dict[fx.Node, Grouped]) -> None:
         if found is None:
             continue
         h, weight, eps = found
-        node.args = (h, *node.args[1:8], weight, eps)
+        node.args = (h, *node.args[1:8], weight, eps, *node.args[10:])
         chain, erased = [x], set()
         while chain:  # the norm's nodes, now unused, from the output back
             n = chain.pop()

@@ -219,15 +219,17 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 
 
 def quant_linear_group_ref(
-    x, codes, constants, fmt: str, cols: int, pair: bool, epilogue: str = "", aux=(), norm_weight=None, eps: float = 0.0
-) -> list[torch.Tensor]:
+    x, codes, constants, fmt: str, cols: int, pair: bool, epilogue: str = "", aux=(), norm_weight=None, eps: float = 0.0,
+    biases=None,
+) -> list[torch.Tensor]:  # fmt: skip
     """The semantics of :func:`quant_linear_group`: ``[ep(silu(x·W₀ᵀ)·(x·W₁ᵀ))]`` (``pair``; the
-    products rounded to x's dtype, as separate linears are) or ``[x·Wᵢᵀ for each weight]``; with
-    ``norm_weight``, x is first :func:`rms_norm_ref`'s output."""
+    products rounded to x's dtype, as separate linears are) or ``[x·Wᵢᵀ (+ bᵢ) for each weight]``;
+    with ``norm_weight``, x is first :func:`rms_norm_ref`'s output."""
     if norm_weight is not None:
         x = rms_norm_ref(x, norm_weight, eps)
     if not pair:
-        return [quant_linear_ref(x, c, k, fmt, cols) for c, k in zip(codes, constants)]
+        biases = list(biases) if biases else [None] * len(codes)
+        return [quant_linear_ref(x, c, k, fmt, cols, b) for c, k, b in zip(codes, constants, biases)]
     gate, up = (quant_linear_ref(x, c, k, fmt, cols).float() for c, k in zip(codes, constants))
     return [Epilogue.parse(epilogue).apply_ref(F.silu(gate) * up, aux).to(x.dtype)]
 
@@ -322,7 +324,7 @@ def quant_linear(
 
 def quant_linear_group(
     x, codes, constants, fmt: str, cols: int, pair: bool, epilogue: str = "", aux=(), norm_weight=None, eps: float = 0.0,
-    *, wrap=None,
+    biases=None, *, wrap=None,
 ) -> list[torch.Tensor]:  # fmt: skip
     """Two or three quantized linears of one format on the same input, as one GEMV launch.
 
@@ -340,6 +342,7 @@ def quant_linear_group(
         epilogue, aux: the pair's epilogue after the product (the separate outputs take none).
         norm_weight, eps: an RMSNorm on the way in (:func:`rms_norm_ref`, HF Llama's): the
             weights multiply ``norm_weight · x/rms(x)``, computed in the kernel and never stored.
+        biases: one bias per weight (Qwen2's q/k/v), or None/empty; not for a pair.
         wrap: ``torch.library.wrap_triton`` inside a ``triton_op``.
     """
     f = QuantFormat.parse(fmt)
@@ -355,6 +358,9 @@ def quant_linear_group(
     ep = parse_epilogue(epilogue)
     if ep.steps and not pair:
         raise KernelError("only a SwiGLU pair takes an epilogue; fuse the separate outputs' tails one by one")
+    biases = list(biases) if biases else []
+    if biases and (pair or len(biases) != len(codes)):
+        raise KernelError(f"biases go one per weight of a group that is not a pair; got {len(biases)} for {len(codes)} weights")
     check_float("x", x)
     if norm_weight is not None:
         check_float("norm_weight", norm_weight, x.dtype, x.device)
@@ -362,6 +368,10 @@ def quant_linear_group(
             raise KernelError(f"the norm weight must be ({cols},), got {tuple(norm_weight.shape)}")
     x2 = rows_of(x, cols)
     m = x2.shape[0]
+    for i, b in enumerate(biases):
+        check_float(f"biases[{i}]", b, x.dtype, x.device)
+        if tuple(b.shape) != (sizes[i],):
+            raise KernelError(f"biases[{i}] must be ({sizes[i]},), got {tuple(b.shape)}")
     if m > GEMV_MAX_M:  # prefill: separate GEMMs, same results
         if norm_weight is not None:
             x = rms_norm_ref(x, norm_weight, eps)
@@ -369,7 +379,9 @@ def quant_linear_group(
             up = quant_linear(x, codes[1], constants[1], fmt, cols, wrap=wrap)
             steps = ",".join(("silu", "mul", *ep.steps))
             return [quant_linear(x, codes[0], constants[0], fmt, cols, epilogue=steps, aux=[up, *aux], wrap=wrap)]
-        return [quant_linear(x, c, k, fmt, cols, wrap=wrap) for c, k in zip(codes, constants)]
+        return [
+            quant_linear(x, c, k, fmt, cols, b, wrap=wrap) for c, k, b in zip(codes, constants, biases or [None] * len(codes))
+        ]
     eager = type(x) is torch.Tensor
     out_sizes = sizes[:1] if pair else sizes  # the pair stores one output
     outs = [torch.empty((m, s), dtype=x.dtype, device=x.device) for s in out_sizes]
@@ -381,9 +393,10 @@ def quant_linear_group(
         weights += [UNUSED] * (15 - len(weights))
         out_slots = outs + [UNUSED] * (3 - len(outs))
         nw = norm_weight.contiguous() if norm_weight is not None else UNUSED
-        args = (x2, *weights, UNUSED, nw, *out_slots, *auxs, m, *sizes, *[0] * (3 - len(sizes)), cols,
+        bias_slots = [b.contiguous() for b in biases] + [UNUSED] * (3 - len(biases))
+        args = (x2, *weights, *bias_slots, nw, *out_slots, *auxs, m, *sizes, *[0] * (3 - len(sizes)), cols,
                 codes[0].shape[1], groups.pop(), x2.stride(0), float(eps), shape_class(m))  # fmt: skip
-        meta = {"KIND": f.kind, "BITS": f.bits, "GROUP": max(f.group, 1), "DQ": f.dq, "HAS_BIAS": False, "W": len(codes),
+        meta = {"KIND": f.kind, "BITS": f.bits, "GROUP": max(f.group, 1), "DQ": f.dq, "HAS_BIAS": bool(biases), "W": len(codes),
                 "PAIR": pair, "NORM": norm_weight is not None}  # fmt: skip
         grid = lambda meta: (sum(-(-s // meta["BN"]) for s in out_sizes), m)
         _kernel(gemv_group_kernel, ep).launch(grid, *args, wrap=None if eager else wrap, **meta)

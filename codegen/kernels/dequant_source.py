@@ -340,7 +340,7 @@ GEMV_GROUP_TEMPLATE = (
 @triton.jit
 def ${KERNEL}(
     x_ptr, w0_ptr, a0_ptr, b0_ptr, c0_ptr, d0_ptr, w1_ptr, a1_ptr, b1_ptr, c1_ptr, d1_ptr,
-    w2_ptr, a2_ptr, b2_ptr, c2_ptr, d2_ptr, bias_ptr, nw_ptr, out0_ptr, out1_ptr, out2_ptr, ${AUX_PARAMS}
+    w2_ptr, a2_ptr, b2_ptr, c2_ptr, d2_ptr, bias_ptr, bias1_ptr, bias2_ptr, nw_ptr, out0_ptr, out1_ptr, out2_ptr, ${AUX_PARAMS}
     M, N0, N1, N2, K, row_bytes, n_groups, stride_xm, eps, M_CLASS,
     KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr, HAS_BIAS: tl.constexpr,
     W: tl.constexpr, PAIR: tl.constexpr, NORM: tl.constexpr,
@@ -365,13 +365,13 @@ def ${KERNEL}(
         nb0 = tl.cdiv(N0, BN)
         nb1 = tl.cdiv(N1, BN)
         w_ptr, a_ptr, b_ptr, c_ptr, d_ptr = w0_ptr, a0_ptr, b0_ptr, c0_ptr, d0_ptr
-        if pid >= nb0:
+        if pid >= nb0:  # (the biases: weight i's at bias_ptr, bias1_ptr, bias2_ptr; all or none)
             w_ptr, a_ptr, b_ptr, c_ptr, d_ptr = w1_ptr, a1_ptr, b1_ptr, c1_ptr, d1_ptr
-            out_ptr, N, offs_n = out1_ptr, N1, offs_n - nb0 * BN
+            out_ptr, N, offs_n, bias_ptr = out1_ptr, N1, offs_n - nb0 * BN, bias1_ptr
             if W == 3:
                 if pid >= nb0 + nb1:
                     w_ptr, a_ptr, b_ptr, c_ptr, d_ptr = w2_ptr, a2_ptr, b2_ptr, c2_ptr, d2_ptr
-                    out_ptr, N, offs_n = out2_ptr, N2, offs_n - nb1 * BN
+                    out_ptr, N, offs_n, bias_ptr = out2_ptr, N2, offs_n - nb1 * BN, bias2_ptr
         n_mask = offs_n < N
         acc = _gemv_rows(x_ptr, w_ptr, a_ptr, b_ptr, c_ptr, d_ptr, offs_n, n_mask, m, K, row_bytes, n_groups,
                          stride_xm, nw_ptr, rstd, KIND, BITS, GROUP, DQ, BN, BK, LS, PREFETCH, ACC3, MAGIC, NORM)

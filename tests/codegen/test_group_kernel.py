@@ -162,3 +162,37 @@ def test_every_tuning_config_with_the_norm(device, close_to_truth, monkeypatch, 
     monkeypatch.setattr(D, "_kernel", lambda builder, ep: kernel if builder is D.gemv_group_kernel else real(builder, ep))
     _check(device, close_to_truth, IntNConfig(4, 32), torch.float16, (24, 8, 8), 1, False, norm=True, inn=1100)
     _check(device, close_to_truth, IntNConfig(4, 32), torch.float16, (16, 16), 2, True, norm=True, inn=1100)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 9], ids=lambda r: f"m{r}")  # 9 > GEMV_MAX_M: the separate GEMMs
+@pytest.mark.parametrize("norm", [False, True], ids=["x", "norm"])
+def test_biased_siblings_add_their_own_bias(device, close_to_truth, norm, rows):
+    """Qwen2's q/k/v carry biases: each output gets its weight's bias (a wrong pointer after the
+    runtime weight selection would add q's bias to k)."""
+    sizes, inn = (48, 16, 16), 70
+    codes, constants, spec = _weights(IntNConfig(4, 32), sizes, inn, torch.float16, device)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(rows, inn, generator=g).to(device=device, dtype=torch.float16)
+    biases = [(torch.randn(s, generator=g) * (i + 1)).to(device=device, dtype=torch.float16) for i, s in enumerate(sizes)]
+    nw = (1 + 0.2 * torch.randn(inn, generator=g)).to(device=device, dtype=torch.float16) if norm else None
+    outs = D.quant_linear_group(x, codes, constants, spec, inn, False, norm_weight=nw, eps=1e-5, biases=biases)
+    refs = D.quant_linear_group_ref(x, codes, constants, spec, inn, False, norm_weight=nw, eps=1e-5, biases=biases)
+    truths = D.quant_linear_group_ref(x.double(), codes, constants, spec, inn, False, norm_weight=None if nw is None else nw.double(),
+                                      eps=1e-5, biases=[b.double() for b in biases])  # fmt: skip
+    for i, (out, ref, truth) in enumerate(zip(outs, refs, truths)):
+        close_to_truth(out, ref, truth, f"output {i}")
+    two = D.quant_linear_group(x, codes[1:], constants[1:], spec, inn, False, biases=biases[1:])  # W = 2 with biases
+    for out, ref in zip(two, D.quant_linear_group_ref(x, codes[1:], constants[1:], spec, inn, False, biases=biases[1:])):
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_biases_go_one_per_weight_and_not_to_a_pair(device):
+    codes, constants, spec = _weights(IntNConfig(4, 32), (32, 32), 64, torch.float32, device)
+    x = torch.randn(1, 64, device=device)
+    bias = torch.zeros(32, device=device)
+    with pytest.raises(KernelError, match="one per weight"):
+        D.quant_linear_group(x, codes, constants, spec, 64, True, biases=[bias, bias])
+    with pytest.raises(KernelError, match="one per weight"):
+        D.quant_linear_group(x, codes, constants, spec, 64, False, biases=[bias])
+    with pytest.raises(KernelError, match=r"biases\[1\] must be"):
+        D.quant_linear_group(x, codes, constants, spec, 64, False, biases=[bias, bias[:16]])

@@ -79,3 +79,30 @@ def test_backend_option_group_siblings(device, monkeypatch, group):
         options = None if group else {"group_siblings": False}
         torch.compile(model, backend="decomp", options=options)(**step, past_key_values=cache, use_cache=True)
     assert len(reports) == 1 and len(reports[0].grouped) == (2 if group else 0)
+
+
+def test_qwen2_biased_qkv_group_with_their_biases(device, compile_fused, count_calls):
+    """Qwen2's q/k/v have biases: they still launch as one kernel (each output with its own bias),
+    the RMSNorm folded in; gate/up (no bias) stay a SwiGLU pair; the logits equal eager's."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, StaticCache
+
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      vocab_size=128, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    dense = Qwen2ForCausalLM(cfg).eval()
+    for layer in dense.model.layers:  # random, not zero, biases: a bias on the wrong output shows
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            torch.nn.init.normal_(proj.bias, std=0.5)
+    names = [n for n, p in dense.named_parameters() if p.dim() == 2 and ".layers." in n]
+    model = passes.apply(dense, passes.Plan({n: IntNConfig(4, 32) for n in names}), progress=False).to(device)
+    cache = StaticCache(config=cfg, max_cache_len=16)
+    ids = torch.tensor([[3, 7, 11, 5]], device=device)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(4, device=device), use_cache=True)
+        steps = [{"input_ids": ids[:, -1:], "cache_position": torch.tensor([4], device=device), "past_key_values": c}
+                 for c in (cache, copy.deepcopy(cache))]  # fmt: skip
+        eager = model(**steps[0], use_cache=True).logits
+        compiled, (_, report, gm) = compile_fused(lambda **kw: model(**kw, use_cache=True).logits, steps[1])
+    assert sorted((g.pair, len(g.members), g.norm) for g in report.grouped) == [(False, 3, True)] * 2 + [(True, 2, True)] * 2
+    assert count_calls(gm, "decomp.quant_linear_group") == 4 and count_calls(gm, "rsqrt") == 1
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
