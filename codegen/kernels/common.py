@@ -126,7 +126,8 @@ class LaunchRows(NamedTuple):
 
 def launch_rows(x: torch.Tensor, n_in: int, n_out: int, epilogue: str, aux) -> LaunchRows:
     """The parsed epilogue, ``x`` as ``(M, n_in)`` rows, its checked auxiliary tensors and the
-    ``(M, n_out)`` output buffer in ``x``'s dtype: the preamble every launch wrapper shares."""
+    ``(M, n_out)`` output buffer in ``x``'s dtype: the launch wrappers' shared preamble (Monarch,
+    block-diagonal, Kronecker, LLM.int8())."""
     ep = parse_epilogue(epilogue)
     x2 = rows_of(x, n_in)
     m = x2.shape[0]
