@@ -190,15 +190,33 @@ def _chain(start: fx.Node) -> tuple[list[str], list[fx.Node], list[fx.Node]]:
 # ---- lowering rewritten modules to their operators --------------------------------------------
 
 
-_MODULES = (
-    "LowRankLinear",
-    "QuantizedLinear",
-    "LQLinear",
-    "MonarchLinear",
-    "BlockDiagLinear",
-    "Int8OutlierLinear",
-    "KroneckerLinear",
-)
+def _quant_args(module, x, t):
+    spec, names, cols = module.packed.kernel_args
+    low_rank = (t("down"), t("up")) if type(module).__name__ == "LQLinear" else (None, None)
+    return "quant_linear", (x, t("packed.codes"), [t(f"packed.{n}") for n in names], spec, cols, t("bias"), *low_rank)
+
+
+def _int8_outlier_args(module, x, t):
+    if not module.packed.input_index.numel():  # every column an outlier: nothing for the kernel
+        return None
+    names = ("codes", "scale", "input_index", "outlier_columns", "outlier_weight")
+    return "int8_outlier_linear", (x, *(t(f"packed.{n}") for n in names), t("bias"))
+
+
+#: Rewritten module class name -> ``(module, x, tensor getter) -> (operator name, its arguments up to
+#: the epilogue)``, or None where the module keeps its own code.
+_LOWERINGS = {
+    "LowRankLinear": lambda m, x, t: ("lowrank_linear", (x, t("down"), t("up"), t("bias"))),
+    "QuantizedLinear": _quant_args,
+    "LQLinear": _quant_args,
+    "MonarchLinear": lambda m, x, t: ("monarch_linear", (x, t("L"), t("R"), m.out_features, t("bias"))),
+    "BlockDiagLinear": lambda m, x, t: (
+        "blockdiag_linear",
+        (x, t("blocks"), m.out_features, t("in_index"), t("out_pos"), t("bias")),
+    ),
+    "KroneckerLinear": lambda m, x, t: ("kronecker_linear", (x, t("A"), t("B"), m.out_features, t("bias"))),
+    "Int8OutlierLinear": _int8_outlier_args,
+}
 
 
 def _rewritten_module(gm: fx.GraphModule, node: fx.Node):
@@ -210,12 +228,12 @@ def _rewritten_module(gm: fx.GraphModule, node: fx.Node):
     """
     if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
         module = gm.get_submodule(node.target)
-        if type(module).__name__ not in _MODULES:
+        if type(module).__name__ not in _LOWERINGS:
             return None
         tensors = dict(module.named_parameters()) | dict(module.named_buffers())
         return module, {name: (lambda n=name: gm.graph.get_attr(f"{node.target}.{n}")) for name in tensors}
     module, names = (getattr(node.target, "module", None), getattr(node.target, "names", None))
-    if node.op == "call_function" and type(module).__name__ in _MODULES and names is not None and not node.kwargs:
+    if node.op == "call_function" and type(module).__name__ in _LOWERINGS and names is not None and not node.kwargs:
         if len(node.args) != 1 + len(names):
             return None
         return module, {name: (lambda v=value: v) for name, value in zip(names, node.args[1:])}
@@ -228,31 +246,15 @@ def _module_call(gm: fx.GraphModule, node: fx.Node):
     if found is None:
         return None
     module, tensors = found
-    kind = type(module).__name__
 
     def t(name):
         return tensors[name]() if name in tensors else None  # an absent bias is None
 
-    x = node.args[0]
-    ops = torch.ops.decomp
-    if kind == "LowRankLinear":
-        return ops.lowrank_linear.default, (x, t("down"), t("up"), t("bias"), "", [])
-    if kind == "MonarchLinear":
-        return ops.monarch_linear.default, (x, t("L"), t("R"), module.out_features, t("bias"), "", [])
-    if kind == "BlockDiagLinear":
-        args = (x, t("blocks"), module.out_features, t("in_index"), t("out_pos"), t("bias"), "", [])
-        return ops.blockdiag_linear.default, args
-    if kind == "KroneckerLinear":
-        return ops.kronecker_linear.default, (x, t("A"), t("B"), module.out_features, t("bias"), "", [])
-    if kind == "Int8OutlierLinear":
-        if not module.packed.input_index.numel():  # every column an outlier: nothing for the kernel
-            return None
-        names = ("codes", "scale", "input_index", "outlier_columns", "outlier_weight")
-        return ops.int8_outlier_linear.default, (x, *(t(f"packed.{n}") for n in names), t("bias"), "", [])
-    spec, names, cols = module.packed.kernel_args
-    constants = [t(f"packed.{n}") for n in names]
-    low_rank = (t("down"), t("up")) if kind == "LQLinear" else (None, None)
-    return ops.quant_linear.default, (x, t("packed.codes"), constants, spec, cols, t("bias"), *low_rank, "", [])
+    lowered = _LOWERINGS[type(module).__name__](module, node.args[0], t)
+    if lowered is None:
+        return None
+    name, args = lowered
+    return getattr(torch.ops.decomp, name).default, (*args, "", [])  # no epilogue yet, no aux
 
 
 def lower_modules(gm: fx.GraphModule) -> int:
