@@ -86,7 +86,7 @@ def _kernel_name(node: torch.fx.Node) -> str:
     return getattr(kernel, "__name__", type(kernel).__name__)
 
 
-def _mixed_plan(model, layers: int):
+def _mixed_plan(model):
     """One rewritten family per linear of layer 0 (low-rank, LQ, Monarch, block-diagonal, Kronecker,
     LLM.int8(), int4), int4 g32 on the other layers: every kernel's CUDA branch in one graph."""
     from passes import Plan
@@ -170,7 +170,7 @@ def trace(layers: int = 2, mixed: bool = False) -> dict:
     names = [n for n, p in dense.named_parameters() if p.dim() == 2 and ".layers." in n]
     if mixed:  # LLM.int8() finds its outlier columns on calibration data
         batches = [(torch.randint(0, TINY["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(i)),) for i in range(2)]
-        model = passes.apply(dense, _mixed_plan(dense, layers), calibration=batches, progress=False)
+        model = passes.apply(dense, _mixed_plan(dense), calibration=batches, progress=False)
     else:
         model = passes.apply(dense, passes.Plan({n: IntNConfig(4, 32) for n in names}), progress=False)
     cache = StaticCache(config=cfg, max_cache_len=32)

@@ -393,12 +393,9 @@ class KroneckerTransform(StructuredTransform):
         moved = weight + size * rows * (a_in * b_in + 3 * a_in * r * b_out + 2 * a_out * b_out)
         # decomp::kronecker_linear (GPU): one launch, both products on chip, for input matrices that
         # fit its register tile (larger ones run the torch path there too)
-        from codegen.kernels.common import next_pow2
-        from codegen.kernels.kronecker import MAX_TILE
+        from codegen.kernels.kronecker import fits
 
-        fused = None
-        if next_pow2(max(16, a_in)) * next_pow2(max(16, b_in)) <= MAX_TILE:
-            fused = MatmulCost(flops, weight + size * rows * (inn + out), 1)
+        fused = MatmulCost(flops, weight + size * rows * (inn + out), 1) if fits(a_in, b_in) else None
         return MatmulCost(flops, moved, 4, fused)
 
 

@@ -29,7 +29,7 @@ from codegen.kernels.common import (
 )
 from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
 
-__all__ = ["CONFIGS", "MAX_TILE", "kernel", "kronecker_linear", "kronecker_linear_ref", "supports"]
+__all__ = ["CONFIGS", "MAX_TILE", "fits", "kernel", "kronecker_linear", "kronecker_linear_ref", "supports"]
 
 #: Largest padded ``a_in · b_in`` (a token's input as a matrix) the kernel holds in registers.
 MAX_TILE = 8192
@@ -93,9 +93,14 @@ def kernel(epilogue: Epilogue = NO_EPILOGUE):
     return build(TEMPLATE, "_kronecker_linear_kernel", epilogue, CONFIGS, ("M_CLASS", "N", "A_IN", "B_IN", "R"), __name__)
 
 
+def fits(a_in: int, b_in: int) -> bool:
+    """Whether an ``a_in × b_in`` input matrix fits the kernel's register tile (:data:`MAX_TILE`)."""
+    return next_pow2(max(16, a_in)) * next_pow2(max(16, b_in)) <= MAX_TILE
+
+
 def supports(A: torch.Tensor, B: torch.Tensor) -> bool:
-    """Whether a token's input matrix fits the kernel's register tile (:data:`MAX_TILE`)."""
-    return next_pow2(max(16, A.shape[2])) * next_pow2(max(16, B.shape[2])) <= MAX_TILE
+    """Whether the factors' input matrix fits the kernel (:func:`fits`)."""
+    return fits(A.shape[2], B.shape[2])
 
 
 def kronecker_linear_ref(x, A, B, out_features: int, bias=None, epilogue: str = "", aux=()) -> torch.Tensor:
