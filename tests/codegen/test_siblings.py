@@ -26,15 +26,11 @@ def _int4_llama(device, layers=2):
     return passes.apply(dense, passes.Plan({n: IntNConfig(4, 32) for n in names}), progress=False).to(device), cfg
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_decode_step_groups_sibling_quantized_linears(device, dtype, compile_fused, count_calls):
-    """One decode step of an int4 Llama: q/k/v become one launch and gate/up one SwiGLU kernel
-    (7 quantized-linear kernels per layer → 4), each with the RMSNorm before it folded in (the
-    final norm, before the dense lm_head, stays); the logits equal eager's."""
+def _decode_step(model, cfg, device, compile_fused):
+    """A 4-token prefill into a static cache, then one decode step eager and one compiled through the
+    fusion pass (each on its own copy of the cache): ``(eager logits, compiled logits, what fusion did)``."""
     from transformers import StaticCache
 
-    model, cfg = _int4_llama(device)
-    model = model.to(dtype)
     cache = StaticCache(config=cfg, max_cache_len=16)
     ids = torch.tensor([[3, 7, 11, 5]], device=device)
     with torch.no_grad():
@@ -42,7 +38,17 @@ def test_decode_step_groups_sibling_quantized_linears(device, dtype, compile_fus
         steps = [{"input_ids": ids[:, -1:], "cache_position": torch.tensor([4], device=device), "past_key_values": c}
                  for c in (cache, copy.deepcopy(cache))]  # fmt: skip
         eager = model(**steps[0], use_cache=True).logits
-        compiled, (ops_before, report, gm) = compile_fused(lambda **kw: model(**kw, use_cache=True).logits, steps[1])
+        compiled, seen = compile_fused(lambda **kw: model(**kw, use_cache=True).logits, steps[1])
+    return eager, compiled, seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_decode_step_groups_sibling_quantized_linears(device, dtype, compile_fused, count_calls):
+    """One decode step of an int4 Llama: q/k/v become one launch and gate/up one SwiGLU kernel
+    (7 quantized-linear kernels per layer → 4), each with the RMSNorm before it folded in (the
+    final norm, before the dense lm_head, stays); the logits equal eager's."""
+    model, cfg = _int4_llama(device)
+    eager, compiled, (ops_before, report, gm) = _decode_step(model.to(dtype), cfg, device, compile_fused)
     assert ops_before["decomp.quant_linear"] == 14
     assert [g.pair for g in report.grouped] == [True, True, False, False]  # gate+up per layer, then q/k/v per layer
     assert [len(g.members) for g in report.grouped] == [2, 2, 3, 3]
@@ -84,7 +90,7 @@ def test_backend_option_group_siblings(device, monkeypatch, group):
 def test_qwen2_biased_qkv_group_with_their_biases(device, compile_fused, count_calls):
     """Qwen2's q/k/v have biases: they still launch as one kernel (each output with its own bias),
     the RMSNorm folded in; gate/up (no bias) stay a SwiGLU pair; the logits equal eager's."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM, StaticCache
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       vocab_size=128, max_position_embeddings=64)  # fmt: skip
@@ -95,14 +101,7 @@ def test_qwen2_biased_qkv_group_with_their_biases(device, compile_fused, count_c
             torch.nn.init.normal_(proj.bias, std=0.5)
     names = [n for n, p in dense.named_parameters() if p.dim() == 2 and ".layers." in n]
     model = passes.apply(dense, passes.Plan({n: IntNConfig(4, 32) for n in names}), progress=False).to(device)
-    cache = StaticCache(config=cfg, max_cache_len=16)
-    ids = torch.tensor([[3, 7, 11, 5]], device=device)
-    with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(4, device=device), use_cache=True)
-        steps = [{"input_ids": ids[:, -1:], "cache_position": torch.tensor([4], device=device), "past_key_values": c}
-                 for c in (cache, copy.deepcopy(cache))]  # fmt: skip
-        eager = model(**steps[0], use_cache=True).logits
-        compiled, (_, report, gm) = compile_fused(lambda **kw: model(**kw, use_cache=True).logits, steps[1])
+    eager, compiled, (_, report, gm) = _decode_step(model, cfg, device, compile_fused)
     assert sorted((g.pair, len(g.members), g.norm) for g in report.grouped) == [(False, 3, True)] * 2 + [(True, 2, True)] * 2
     assert count_calls(gm, "decomp.quant_linear_group") == 4 and count_calls(gm, "rsqrt") == 1
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
