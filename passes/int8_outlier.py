@@ -97,6 +97,7 @@ __all__ = [
     "Int8OutlierWeight",
     "activation_error",
     "int8_matmul",
+    "int8_outlier_forward",
     "outlier_candidate",
     "rewrite_int8_outlier",
 ]
@@ -228,6 +229,24 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a, b.t())[:m, :n]
 
 
+def int8_outlier_forward(x, codes, scale, input_index, outlier_columns, outlier_weight, bias=None) -> torch.Tensor:
+    """``x @ Wᵀ + bias`` over :class:`Int8OutlierWeight`'s buffers in torch: the non-outlier columns
+    (``input_index``) quantized per token, an exact int8 matmul with the codes, the fp32 product of the
+    outlier columns; in fp32, rounded once to x's dtype (the kernel's reference too)."""
+    out = codes.shape[0]
+    rows = x.reshape(-1, x.shape[-1])
+    if input_index.numel():
+        xq, x_scale = qf.int8_rowwise(rows.index_select(1, input_index))  # per token
+        y = int8_matmul(xq, codes).float().mul_(x_scale[:, None]).mul_(scale.float())
+    else:  # every column is an outlier
+        y = torch.zeros(rows.shape[0], out, dtype=torch.float32, device=x.device)
+    if outlier_columns.numel():
+        y.addmm_(rows.index_select(1, outlier_columns).float(), outlier_weight.float().t())
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(x.dtype).view(*x.shape[:-1], out)
+
+
 class Int8OutlierWeight(nn.Module):
     """An :class:`Int8OutlierConfig`-encoded ``(out, in)`` matrix; buffers as the config's specs.
 
@@ -290,18 +309,7 @@ class Int8OutlierWeight(nn.Module):
         """``x @ Wᵀ + bias``: int8 matmul of the non-outlier columns, fp32 for the outliers."""
         if self.input_index.numel() and dispatch.use_kernels(x, bias):  # CUDA: one fused kernel
             return dispatch.int8_outlier_linear(x, self, bias)
-        out, inn = self.shape
-        rows = x.reshape(-1, inn)
-        if self.input_index.numel():
-            xq, x_scale = qf.int8_rowwise(rows.index_select(1, self.input_index))  # per token
-            y = int8_matmul(xq, self.codes).float().mul_(x_scale[:, None]).mul_(self.scale.float())
-        else:  # every column is an outlier
-            y = torch.zeros(rows.shape[0], out, dtype=torch.float32, device=x.device)
-        if self.outlier_columns.numel():
-            y.addmm_(rows.index_select(1, self.outlier_columns).float(), self.outlier_weight.float().t())
-        if bias is not None:
-            y.add_(bias.float())
-        return y.to(x.dtype).view(*x.shape[:-1], out)
+        return int8_outlier_forward(x, self.codes, self.scale, self.input_index, self.outlier_columns, self.outlier_weight, bias)
 
     def extra_repr(self) -> str:
         return f"{self.shape[0]}×{self.shape[1]}, {self.config.describe()}, {self.outlier_columns.numel()} outlier columns"

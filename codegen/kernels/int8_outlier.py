@@ -100,24 +100,12 @@ def kernel(epilogue: Epilogue = NO_EPILOGUE):
 
 
 def int8_outlier_linear_ref(x, codes, scale, input_index, outlier_columns, outlier_weight, bias=None, epilogue="", aux=()):
-    """The semantics, as ``passes.int8_outlier.Int8OutlierWeight.linear`` computes it (the int32
-    product in fp64 here — the same exact integers, |q·c| summed stays below 2³¹ — on any device), then
-    the epilogue."""
-    out = codes.shape[0]
-    lead = x.shape[:-1]
-    rows = x.reshape(-1, x.shape[-1])
-    if input_index.numel():
-        xk = rows.index_select(1, input_index.long()).float()
-        sx = xk.abs().amax(1) / 127
-        q = torch.round(xk / sx.clamp_min(1e-30)[:, None]).clamp_(-127, 127)
-        y = (q.double() @ codes.double().t()).float().mul_(sx[:, None]).mul_(scale.float())
-    else:
-        y = torch.zeros(rows.shape[0], out, dtype=torch.float32, device=x.device)
-    if outlier_columns.numel():
-        y.addmm_(rows.index_select(1, outlier_columns.long()).float(), outlier_weight.float().t())
-    if bias is not None:
-        y.add_(bias.float())
-    return reference_epilogue(y.to(x.dtype).reshape(*lead, out), epilogue, aux)
+    """The semantics: the module's torch code (``passes.int8_outlier.int8_outlier_forward``: per-token
+    quantization, an exact int8 matmul, the fp32 outlier product), then the epilogue."""
+    from passes.int8_outlier import int8_outlier_forward
+
+    y = int8_outlier_forward(x, codes, scale, input_index, outlier_columns, outlier_weight, bias)
+    return reference_epilogue(y, epilogue, aux)
 
 
 def int8_outlier_linear(
