@@ -72,6 +72,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=270.0, help="start no section or row past this many seconds")
     parser.add_argument("--sections", default="dequant,e2e,lowrank,monarch,blockdiag,kronecker,int8outlier,proxy",
                         help="speed sections to run, comma-separated, in this order (e2e also needs --e2e)")  # fmt: skip
+    parser.add_argument("--checks", default="lowrank,dequant,monarch,blockdiag,kronecker,int8 outliers,modules",
+                        help="correctness sections to run, comma-separated (a short GPU session checks what changed)")  # fmt: skip
     parser.add_argument("--e2e-rows", choices=("all", "ours-compiled"), default="all",
                         help="ours-compiled: only the compiled int4 model (short GPU sessions)")  # fmt: skip
     parser.add_argument("--gemv-formats", default=",".join(GEMV_FORMATS), help="formats of the GEMV rows, comma-separated")
@@ -102,7 +104,8 @@ def main(argv=None) -> int:
     for name, fn in (("lowrank", check_lowrank), ("dequant", check_dequant), ("monarch", check_monarch),
                      ("blockdiag", check_blockdiag), ("kronecker", check_kronecker), ("int8 outliers", check_int8_outlier),
                      ("modules + torch.compile", lambda d: check_modules_and_compile(d, blocks))):  # fmt: skip
-        _guard(name, fn, "cuda")
+        if name.split(" + ")[0] in args.checks.split(","):
+            _guard(name, fn, "cuda")
     print(f"\ncorrectness: {len(FAILURES)} failure(s), {time.time() - START:.0f} s so far", flush=True)
     if args.check:
         return 1 if FAILURES else 0

@@ -86,18 +86,12 @@ def variants(quick: bool):
     out = []
     for dt in ("fp16", "bf16", "fp32"):
         full = dt == "fp16" and not quick
-        for r_pad in (16, 64, 256) if full else (64,):
+        for r_pad, given in ((16, False), (64, False), (256, False), (256, True)) if full else ((64, False), (64, True)):
             for e in (Epilogue(), ep) if dt == "fp16" else (Epilogue(),):
-                consts = {"HAS_BIAS": True, "IEEE": dt == "fp32", "UPCAST": False, "R_PAD": r_pad}
+                consts = {"HAS_BIAS": True, "IEEE": dt == "fp32", "UPCAST": False, "R_PAD": r_pad, "T_GIVEN": given}
                 configs = lowrank.CONFIGS if full else lowrank.CONFIGS[:1]
-                out.append(
-                    (f"lowrank {dt} r_pad={r_pad} ep={e.spec or '-'}", lowrank.kernel(e), {"default": TY[dt]}, consts, configs)
-                )
-        flags = {"IEEE": dt == "fp32", "UPCAST": False}
-        out.append((f"lowrank split-k down {dt}", lowrank.down_kernel(), {"default": TY[dt], "part_ptr": "*fp32"}, flags,
-                    lowrank.DOWN_CONFIGS if full else lowrank.DOWN_CONFIGS[:1]))  # fmt: skip
-        out.append((f"lowrank split-k sum {dt}", lowrank.sum_kernel(), {"default": TY[dt], "part_ptr": "*fp32"}, {"S": 4},
-                    lowrank.SUM_CONFIGS))  # fmt: skip
+                label = f"lowrank {dt} r_pad={r_pad}{' t given' if given else ''} ep={e.spec or '-'}"
+                out.append((label, lowrank.kernel(e), {"default": TY[dt]}, consts, configs))
     formats = ["int8", "int4g32", "int4g128dq", "int3g64", "int2g128", "nf4g64dq", "int3g32dq", "nf4g128"]
     for fmt in formats if not quick else formats[:3]:
         f = dequant.QuantFormat.parse(fmt)
@@ -156,8 +150,6 @@ def variants(quick: bool):
                     monarch.STAGE2_CONFIGS if full else monarch.STAGE2_CONFIGS[:1]))  # fmt: skip
         out.append((f"monarch stage1 blocked {dt}", monarch.stage1_blocked_kernel(), {"default": TY[dt]}, flags,
                     monarch.STAGE1_BLOCKED_CONFIGS if full else monarch.STAGE1_BLOCKED_CONFIGS[:1]))  # fmt: skip
-        out.append((f"monarch fused prefill {dt}", monarch.fused_kernel(ep), {"default": TY[dt]}, {**flags, "HAS_BIAS": True},
-                    monarch.FUSED_CONFIGS if full else monarch.FUSED_CONFIGS[:1]))  # fmt: skip
         for bb, bp in ((64, 64), (64, 128), (4, 1024)) if full else ((64, 64),):
             out.append((f"monarch gemv {dt} b={bb} p={bp}", monarch.gemv_kernel(ep), {"default": TY[dt]},
                         {"HAS_BIAS": True, "BB": bb, "BP": bp}, monarch.GEMV_CONFIGS if full else monarch.GEMV_CONFIGS[:1]))  # fmt: skip
@@ -320,18 +312,13 @@ def launch_cases():
             )
         b = 16
         L, R = torch.randn(b, 32, b).to(dt), torch.randn(b, b, 32).to(dt)
-        for m, fused in ((1, None), (256, False), (256, True)):
+        for m in (1, 256):
             x = torch.randn(m, 512).to(dt)
+            cases.append((f"monarch_linear m={m} {dt}", lambda x=x, L=L, R=R: monarch.monarch_linear(x, L, R, 512)))
             cases.append(
                 (
-                    f"monarch_linear m={m} fused={fused} {dt}",
-                    lambda x=x, L=L, R=R, f=fused: monarch.monarch_linear(x, L, R, 512, fused=f),
-                )
-            )
-            cases.append(
-                (
-                    f"monarch_linear m={m} fused={fused} {dt} bias",
-                    lambda x=x, L=L, R=R, f=fused: monarch.monarch_linear(x, L, R, 512, torch.zeros(512, dtype=x.dtype), fused=f),
+                    f"monarch_linear m={m} {dt} bias",
+                    lambda x=x, L=L, R=R: monarch.monarch_linear(x, L, R, 512, torch.zeros(512, dtype=x.dtype)),
                 )
             )
         for r, (a_out, a_in, b_out, b_in) in ((1, (64, 64, 64, 64)), (3, (20, 25, 25, 24)), (2, (128, 16, 32, 256))):
@@ -369,12 +356,9 @@ def launch_check(arch: int) -> int:
     """Run every :func:`launch_cases` launch through Triton's JIT for ``arch`` (stand-in driver)."""
     from triton.runtime import driver
 
-    from codegen.kernels import lowrank
-
     stub = _StubDriver(arch)
-    saved = driver._active, lowrank._processors
+    saved = driver._active
     driver.set_active(stub)
-    lowrank._processors = lambda device: 132
     failures, start = [], time.time()
     try:
         cases = launch_cases()
@@ -388,7 +372,7 @@ def launch_check(arch: int) -> int:
                 continue
             print(f"ok    {label}: {', '.join(stub.launched[before:])}", flush=True)
     finally:
-        driver._active, lowrank._processors = saved
+        driver._active = saved
     print(
         f"\n{len(cases) - len(failures)}/{len(cases)} operator launches compiled for sm_{arch} through the JIT in {time.time() - start:.0f} s"
     )

@@ -332,6 +332,8 @@ class LowRankTransform(Transform):
 
     @staticmethod
     def _cost(site: WeightSite, r: int, size: int) -> MatmulCost:
+        from codegen.kernels.lowrank import first_product_given
+
         out, inn = site.matrix_shape
         total = MatmulCost(0, 0, 0)
         for use in site.uses:
@@ -339,8 +341,11 @@ class LowRankTransform(Transform):
                 total = total + MatmulCost(0, use.rows * r * size * 2, 1) + matmul_cost(use.rows, r, inn, r * inn * size, size)
             else:
                 pair = matmul_cost(use.rows, inn, r, r * inn * size, size) + matmul_cost(use.rows, r, out, r * out * size, size)
-                # decomp::lowrank_linear (GPU): one launch, the (rows × r) intermediate never in memory
-                fused = MatmulCost(pair.flops, r * (inn + out) * size + use.rows * (inn + out) * size, 1)
+                # decomp::lowrank_linear (GPU): one launch, the (rows × r) intermediate never in memory;
+                # at prefill rows or with a big down, t is one matmul first and the kernel loads it
+                given = first_product_given(use.rows, inn, r)
+                moved = r * (inn + out) * size + use.rows * (inn + out) * size + (2 * use.rows * r * size if given else 0)
+                fused = MatmulCost(pair.flops, moved, 2 if given else 1)
                 total = total + MatmulCost(pair.flops, pair.bytes, pair.kernels, fused)
         return total
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import unittest.mock
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +52,8 @@ def bench_lowrank(device, dtype):
         "dense F.linear",
         "kernel eager (do_bench)",
         "t = x·downᵀ alone (cuBLAS)",
-        "t in K slices (ours)",
     )
-    _print_row(*["---"] * 10)
+    _print_row(*["---"] * 9)
     for m, k, n, r in LOWRANK_SHAPES:
         if _late("low-rank"):
             break
@@ -81,15 +81,9 @@ def bench_lowrank(device, dtype):
         eager = _bench(K.lowrank_linear, *operands(0))
         # the first product on its own (cuBLAS): what the T_GIVEN path pays before its launch
         first = _cold(functools.partial(make, fn=lambda x, down, up, bias: F.linear(x, down)))
-        # ... and as the fused path computes it when t has too few tiles for the GPU (split-K)
-        split = K.first_product_plan(m, k, r, torch.device(device))
-        sliced = "—"
-        if split > 1:
-            ours_first = _cold(functools.partial(make, fn=lambda x, down, up, bias, s=split: K.down_product(x, down, s)))
-            sliced = f"{ours_first * 1e3:.1f} µs ({split} slices)"
         target = 1.3 if (r <= k // 8 or r <= n // 8) and m >= 512 else None
         _row(f"{m} × {k} → {n}, r={r}", "", base, "", ours, target, f"{dense * 1e3:.1f} µs", f"{eager * 1e3:.1f} µs",
-             f"{first * 1e3:.1f} µs", sliced)  # fmt: skip
+             f"{first * 1e3:.1f} µs")  # fmt: skip
 
 
 def bench_dequant(device, dtype):
@@ -208,9 +202,8 @@ def bench_monarch(device, dtype):
         "kernel eager (do_bench)",
         "stage 1 alone (two-stage rows)",
         "tuned stage 1 / stage 2",
-        "one-launch prefill (opt-in; tuned)",
     )
-    _print_row(*["---"] * 12)
+    _print_row(*["---"] * 11)
     for n, b in MONARCH_SHAPES:
         p = n // b
 
@@ -219,7 +212,7 @@ def bench_monarch(device, dtype):
                 b, b, p, device=device, dtype=dtype
             ) / p**0.5
 
-        blocked = K.blocked(factors()[1])  # which stage 1 (and whether the one-launch prefill) applies
+        blocked = K.blocked(factors()[1])  # which stage 1 applies
         for m in MONARCH_ROWS:
             if _late("Monarch"):
                 return
@@ -236,27 +229,28 @@ def bench_monarch(device, dtype):
             ours = _cold(functools.partial(make, fn=K.monarch_linear))
             ref = _cold(functools.partial(make, fn=K.monarch_linear_ref))
             eager = _bench(K.monarch_linear, torch.randn(m, n, device=device, dtype=dtype), *factors(), n)
-            first, tuned, fused = "—", "—", "—"
+            first, tuned = "—", "—"
             if m > K.GEMV_MAX_ROWS:  # where the time goes between the two stages (the rest is stage 2)
                 first = f"{_cold(functools.partial(make, fn=lambda x, L, R, n: K.stage1(x, R))) * 1e3:.1f} µs"
                 s1 = K.stage1_blocked_kernel() if blocked else K.stage1_kernel()
                 tuned = f"{_tuned_config(s1)} / {_tuned_config(K.stage2_kernel())}"
-                if blocked:  # the one-launch prefill kernel, not yet the default
-                    one = _cold(functools.partial(make, fn=functools.partial(K.monarch_linear, fused=True)))
-                    fused = f"{one * 1e3:.1f} µs = {dense / one:.2f}× dense ({_tuned_config(K.fused_kernel())})"
             ratio = dense / ours
             _print_row(f"{m} × {n}", f"{b}, 1", f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{ratio:.2f}×", "≥ 3×",
-                       "yes" if ratio >= 3 else "no", f"{ref * 1e3:.1f} µs", f"{eager * 1e3:.1f} µs", first, tuned, fused)  # fmt: skip
+                       "yes" if ratio >= 3 else "no", f"{ref * 1e3:.1f} µs", f"{eager * 1e3:.1f} µs", first, tuned)  # fmt: skip
 
 
-def _kernel_vs_torch_path(device, dtype, title, param, torch_path, shapes, rows, make_module, kernel):
+def _kernel_vs_torch_path(device, dtype, title, param, torch_path, shapes, rows, make_module, kernel, variant=None):
     """One table: per ``(n, param)`` of ``shapes`` and row count, dense ``F.linear`` against the
-    rewritten module ``make_module(n, param)`` with its kernel and with its own torch code."""
+    rewritten module ``make_module(n, param)`` with its kernel and with its own torch code.
+    ``variant``: ``(column, applies(m), setting())``, the kernel timed again under a context manager
+    ``setting()`` for the row counts ``applies`` accepts (e.g. a path the wrapper does not choose)."""
     from codegen import dispatch
 
     print(f"\n### {title} vs dense and vs the torch path (CUDA graph, cold operands)\n")
-    _print_row("M × n", param, "dense F.linear", "kernel", "vs dense", f"torch path ({torch_path})", "vs torch path", "tuned")
-    _print_row(*["---"] * 8)
+    extra = [variant[0]] if variant else []
+    _print_row("M × n", param, "dense F.linear", "kernel", "vs dense", f"torch path ({torch_path})", "vs torch path", "tuned",
+               *extra)  # fmt: skip
+    _print_row(*["---"] * (8 + len(extra)))
     for n, value in shapes:
         for m in rows:
             if _late(title.split(" (")[0]):
@@ -279,8 +273,16 @@ def _kernel_vs_torch_path(device, dtype, title, param, torch_path, shapes, rows,
             dense = _cold(make_dense)
             ours = _cold(functools.partial(make, on=True))
             ref = _cold(functools.partial(make, on=False))
+            tuned = _tuned_config(kernel())
+            cells = []
+            if variant and variant[1](m):
+                with variant[2]():
+                    other = _cold(functools.partial(make, on=True))
+                cells = [f"{other * 1e3:.1f} µs = {dense / other:.2f}× dense ({_tuned_config(kernel())})"]
+            elif variant:
+                cells = ["—"]
             _print_row(f"{m} × {n}", value, f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{dense / ours:.2f}×",
-                       f"{ref * 1e3:.1f} µs", f"{ref / ours:.2f}×", _tuned_config(kernel()))  # fmt: skip
+                       f"{ref * 1e3:.1f} µs", f"{ref / ours:.2f}×", tuned, *cells)  # fmt: skip
 
 
 def bench_blockdiag(device, dtype):
@@ -294,8 +296,11 @@ def bench_blockdiag(device, dtype):
         perm = (torch.randperm(n).int() for _ in range(2))
         return BlockDiagLinear(nn.Parameter(torch.randn(b, p, p) / p**0.5), None, n, n, *perm)
 
-    _kernel_vs_torch_path(device, dtype, "Block-diagonal, permuted (one launch, permutations fused)", "blocks",
-                          "gather, bmm, scatter", BLOCKDIAG_SHAPES, BLOCKDIAG_ROWS, module, K.kernel)  # fmt: skip
+    in_loads = ("gather in the kernel's loads", lambda m: m > K.GATHER_MAX_M,
+                lambda: unittest.mock.patch.object(K, "GATHER_MAX_M", 10**9))  # fmt: skip
+    _kernel_vs_torch_path(device, dtype, "Block-diagonal, permuted (permutations fused; input gathered first past "
+                          f"{K.GATHER_MAX_M} rows)", "blocks", "gather, bmm, scatter", BLOCKDIAG_SHAPES, BLOCKDIAG_ROWS,
+                          module, K.kernel, in_loads)  # fmt: skip
 
 
 def bench_int8_outlier(device, dtype):

@@ -15,16 +15,14 @@ tile land ``b`` elements apart (H100, 512 × 4096, b = 64: 42.6 µs, slower than
 computes a group of input blocks with one batched (3-D) dot and stores ``g[n, i, j₀…j₀+BJ]``
 contiguously. Stage 2 (grid: output block i × row tiles × column
 tiles) computes ``g[:, i]·L[i]ᵀ`` with the bias and the fused epilogue, cropping to ``out``.
-Two launches by default, because every output block reads every input block's result: one
-program owning both stages must either hold a token's whole ``b·k·b`` intermediate on chip or
-read x once per group of output blocks (what the opt-in kernel below does).
+Two launches, because every output block reads every input block's result: one program owning
+both stages must either hold a token's whole ``b·k·b`` intermediate on chip or read x once per
+group of output blocks.
 
-A one-launch prefill kernel exists too, opt-in (:data:`FUSED_PREFILL`, ``fused=True``) until it
-is measured: ``y_i = Σ_j L[i, :, j]·g[:, i, j]`` is linear in ``j``, so a program owning BM rows
-and BI output blocks computes stage 1 for a group of input blocks (only its BI outputs of each),
-rounds it as the reference does and feeds it straight into stage 2's accumulator — no ``g`` in
-global memory and one launch, for x read ``b/BI`` times (from L2). Rank-1 factors with ≥ 16
-blocks only (the dots need BI, BJ ≥ 16); ~255 registers a thread on sm_90, no spills.
+A one-launch prefill kernel (stage 1 for a group of input blocks fed straight into stage 2's
+accumulator, x read ``b/16`` times from L2) was built and measured on an H100 (run 7): 37.9 µs
+at 512 × 4096 against the two stages' 12.7, 0.67–1.46× dense where the two stages give
+2.0–5.6×. It was removed.
 
 Decode (``M ≤`` :data:`GEMV_MAX_ROWS`) is the exception: a token's intermediate *is* small, and
 output block ``i`` needs only the ``b·k`` values ``h[j, t·b+i] = R[j, t·b+i]·x_j`` — one row of
@@ -56,7 +54,6 @@ from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
 __all__ = [
     "GEMV_MAX_ROWS",
     "blocked",
-    "fused_kernel",
     "gemv_kernel",
     "monarch_linear",
     "monarch_linear_ref",
@@ -184,7 +181,7 @@ GEMV_CONFIGS = (
     {"BS": 32, "num_warps": 2, "num_stages": 1},
 )
 
-#: Stage 1 of rank-1 factors for a group of input blocks (the blocked and the fused kernels).
+#: Stage 1 of rank-1 factors for a group of input blocks (the blocked kernel).
 GROUP_STAGE1_HELPER = """
 @triton.jit
 def _group_stage1(x_ptr, r_ptr, offs_m, offs_j, offs_i, m_mask, j_mask, i_mask, IN, P, NB, stride_xm,
@@ -244,62 +241,6 @@ STAGE1_BLOCKED_CONFIGS = (
     {"BM": 16, "BJ": 32, "BI": 16, "BP": 32, "num_warps": 4, "num_stages": 2},
 )
 
-FUSED_TEMPLATE = (
-    DOT_HELPER
-    + GROUP_STAGE1_HELPER
-    + """
-
-@triton.jit
-def ${KERNEL}(
-    x_ptr, r_ptr, l_ptr, bias_ptr, out_ptr, ${AUX_PARAMS}
-    M, IN, N, P, S, NB, stride_xm, M_CLASS,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BM: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr,
-):
-    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
-    offs_i = tl.program_id(1) * BI + tl.arange(0, BI)  # this program's output blocks
-    offs_a = tl.program_id(2) * BS + tl.arange(0, BS)  # rows of each output block
-    m_mask = offs_m < M
-    i_mask = offs_i < NB
-    a_mask = offs_a < S
-
-    # y_i = Σ_j L[i, :, j]·g[:, i, j] is linear in j: stage 1 for a group of BJ input blocks (only
-    # the outputs i of this program), rounded as the reference's first bmm, then straight into
-    # stage 2's accumulator — g never leaves the chip
-    acc3 = tl.zeros((BI, BM, BS), dtype=tl.float32)
-    for j0 in range(0, NB, BJ):
-        offs_j = j0 + tl.arange(0, BJ)
-        j_mask = offs_j < NB
-        h = _group_stage1(x_ptr, r_ptr, offs_m, offs_j, offs_i, m_mask, j_mask, i_mask, IN, P, NB, stride_xm,
-                          IEEE, UPCAST, BM, BJ, BI, BP)
-        g = tl.permute(h.to(x_ptr.dtype.element_ty), (2, 1, 0))  # (BI, BM, BJ)
-        w = tl.load(l_ptr + offs_i[:, None, None] * (S * NB) + offs_a[None, None, :] * NB + offs_j[None, :, None],
-                    mask=i_mask[:, None, None] & a_mask[None, None, :] & j_mask[None, :, None], other=0.0)
-        acc3 = _dot(g, w, acc3, IEEE, UPCAST)
-
-    # output column i·S + a; one (BM, BI·BS) tile for the shared tail
-    acc = tl.reshape(tl.permute(acc3, (1, 0, 2)), (BM, BI * BS))
-    offs_n = tl.reshape(offs_i[:, None] * S + offs_a[None, :], (BI * BS,))
-    n_mask = tl.reshape(i_mask[:, None] & a_mask[None, :], (BI * BS,)) & (offs_n < N)
-"""
-    + tile_tail("    ")
-)
-
-#: One-launch prefill tiles (rank-1 factors): ``BM`` rows × ``BI`` output blocks × ``BS`` rows of
-#: each block, input blocks ``BJ`` at a time. The dots need BM, BI, BJ ≥ 16.
-FUSED_CONFIGS = (
-    {"BM": 16, "BI": 16, "BJ": 16, "BP": 64, "BS": 64, "num_warps": 8, "num_stages": 1},
-    {"BM": 32, "BI": 16, "BJ": 16, "BP": 64, "BS": 64, "num_warps": 8, "num_stages": 1},
-    {"BM": 16, "BI": 16, "BJ": 16, "BP": 32, "BS": 32, "num_warps": 4, "num_stages": 2},
-    {"BM": 64, "BI": 16, "BJ": 16, "BP": 32, "BS": 32, "num_warps": 8, "num_stages": 2},
-    {"BM": 16, "BI": 16, "BJ": 16, "BP": 64, "BS": 16, "num_warps": 4, "num_stages": 1},
-    {"BM": 32, "BI": 16, "BJ": 16, "BP": 64, "BS": 32, "num_warps": 4, "num_stages": 1},
-)
-
-#: Prefill through the one-launch kernel (:data:`FUSED_TEMPLATE`) instead of the two stages, for
-#: the factors :func:`blocked` takes. Off until it is measured on a GPU (the benchmark times both).
-FUSED_PREFILL = False
-
 STAGE1_CONFIGS = (
     {"BM": 32, "BC": 64, "BP": 64, "num_warps": 4, "num_stages": 3},
     {"BM": 64, "BC": 64, "BP": 64, "num_warps": 4, "num_stages": 3},
@@ -338,11 +279,6 @@ def stage2_kernel(epilogue: Epilogue = NO_EPILOGUE):
     return build(STAGE2_TEMPLATE, "_monarch_stage2_kernel", epilogue, STAGE2_CONFIGS, ("M_CLASS", "N", "S", "BK_IN"), __name__)
 
 
-def fused_kernel(epilogue: Epilogue = NO_EPILOGUE):
-    """The built one-launch prefill kernel for ``epilogue`` (cached; rank-1 factors)."""
-    return build(FUSED_TEMPLATE, "_monarch_fused_kernel", epilogue, FUSED_CONFIGS, ("M_CLASS", "N", "S", "P", "NB"), __name__)
-
-
 def gemv_kernel(epilogue: Epilogue = NO_EPILOGUE):
     """The built one-launch decode kernel for ``epilogue`` (cached)."""
     return build(GEMV_TEMPLATE, "_monarch_gemv_kernel", epilogue, GEMV_CONFIGS, ("M_CLASS", "N", "S", "KB", "P"), __name__)
@@ -367,20 +303,15 @@ def monarch_linear_ref(x, L, R, out_features: int, bias=None, epilogue: str = ""
     return y.to(x.dtype).reshape(*lead, out_features)
 
 
-def monarch_linear(
-    x, L, R, out_features: int, bias=None, epilogue: str = "", aux=(), *, wrap=None, fused: bool | None = None
-) -> torch.Tensor:
+def monarch_linear(x, L, R, out_features: int, bias=None, epilogue: str = "", aux=(), *, wrap=None) -> torch.Tensor:
     """``epilogue(monarch(x) + bias)``: the one-launch kernel up to :data:`GEMV_MAX_ROWS` rows (when a
-    block row fits, :data:`GEMV_MAX_TILE`), else the two stages (or, for rank-1 factors with
-    :data:`FUSED_PREFILL` or ``fused=True``, the one-launch prefill kernel).
+    block row fits, :data:`GEMV_MAX_TILE`), else the two stages.
 
     Args:
         x: ``(..., in)`` with ``in ≤ b·p``; L: ``(b, s, b·k)``; R: ``(b, k·b, p)``; bias ``(out,)`` or None.
         out_features: ``out ≤ b·s``.
         epilogue, aux: the fused epilogue and its output-shaped auxiliary tensors.
         wrap: ``torch.library.wrap_triton`` inside a ``triton_op``.
-        fused: past the decode rows, force the one-launch prefill kernel (True) or the two stages
-            (False); None follows :data:`FUSED_PREFILL`.
     """
     if R.dim() != 3 or L.dim() != 3:
         raise KernelError(f"Monarch factors must be L (b, s, b·k) and R (b, k·b, p), got {tuple(L.shape)}, {tuple(R.shape)}")
@@ -404,15 +335,6 @@ def monarch_linear(
             lambda meta: (b, m, -(-s // meta["BS"])),
             x2, R, L, bias_arg, out, *auxs, m, n_in, out_features, p, s, kb, b, kb // b, x2.stride(0), shape_class(m),
             HAS_BIAS=bias is not None, BB=bb, BP=bp, wrap=wrap,
-        )  # fmt: skip
-        return out.view(out_shape)
-    if fused or (fused is None and FUSED_PREFILL and blocked(R)):
-        if not blocked(R):
-            raise KernelError(f"the one-launch prefill kernel takes rank-1 factors with ≥ {BLOCKED_MIN_BLOCKS} blocks")
-        fused_kernel(ep).launch(
-            lambda meta: (-(-m // meta["BM"]), -(-b // meta["BI"]), -(-s // meta["BS"])),
-            x2, R, L, bias_arg, out, *auxs, m, n_in, out_features, p, s, b, x2.stride(0), shape_class(m),
-            HAS_BIAS=bias is not None, wrap=wrap, **dot_flags(x.dtype),
         )  # fmt: skip
         return out.view(out_shape)
     g = stage1(x2, R, wrap=wrap)

@@ -15,7 +15,9 @@ from passes.blockdiag import BlockDiagLinear, _output_positions, blockdiag_dense
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (rows, in, out, blocks, permuted): decode and prefill rows, ragged in/out (padding, dropped rows)
-SHAPES = ((1, 64, 64, 4, True), (3, 70, 45, 4, True), (37, 100, 120, 8, True), (20, 256, 200, 2, False), (5, 23, 19, 4, True))
+# (37 and 33 rows: past GATHER_MAX_M, the wrapper gathers the input first, with and without padding)
+SHAPES = ((1, 64, 64, 4, True), (3, 70, 45, 4, True), (37, 100, 120, 8, True), (20, 256, 200, 2, False), (5, 23, 19, 4, True),
+          (33, 64, 48, 4, True))  # fmt: skip
 
 
 def _blocks(m, inn, out, b, permuted, dtype, device, seed=0):
@@ -42,6 +44,18 @@ def test_matches_reference(device, close_to_truth, dtype, shape):
     w = blockdiag_dense(blocks.double().cpu(), out, inn, *(None if t is None else t.cpu() for t in (in_index, out_index)))
     truth = x.double() @ w.to(device).T + bias.double()
     close_to_truth(y, ref, truth, f"{dtype} {shape}")
+
+
+@pytest.mark.parametrize("shape", [(37, 100, 120, 8, True), (33, 64, 48, 4, True)], ids=lambda s: "x".join(map(str, s)))
+def test_gather_in_the_loads_and_gather_first_agree(device, monkeypatch, shape):
+    """Prefill rows: the gather-first path (default) and the in-kernel gather give the same output."""
+    _, _, out, _, _ = shape
+    x, blocks, in_index, _, out_pos, bias = _blocks(*shape, torch.float32, device)
+    first = K.blockdiag_linear(x, blocks, out, in_index, out_pos, bias)
+    monkeypatch.setattr(K, "GATHER_MAX_M", 10**6)
+    in_loads = K.blockdiag_linear(x, blocks, out, in_index, out_pos, bias)
+    torch.testing.assert_close(first, in_loads, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(first, K.blockdiag_linear_ref(x, blocks, out, in_index, out_pos, bias), rtol=1e-5, atol=1e-5)
 
 
 def test_reference_is_the_layout_of_passes_blockdiag():

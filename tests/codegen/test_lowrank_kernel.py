@@ -48,10 +48,12 @@ def test_fused_epilogue(device, close_to_truth, dtype, epilogue):
     close_to_truth(out, ref, truth, f"{dtype} {epilogue}")
 
 
-def test_prefill_rows_take_the_t_given_variant(device, close_to_truth):
-    """From T_GIVEN_ROWS rows on, t is one matmul and the kernel only loads it; fused epilogue kept."""
+@pytest.mark.parametrize("rank", [6, 100], ids=lambda r: f"r{r}")
+def test_prefill_rows_take_the_t_given_variant(device, close_to_truth, rank):
+    """From T_GIVEN_ROWS rows on, t is one matmul and the kernel runs t·upᵀ as a GEMM over the rank
+    (r = 100: two chunks of the default BK = 64, the second ragged); fused epilogue kept."""
     m = K.T_GIVEN_ROWS + 3
-    x, down, up, bias = _factors(m, 40, 6, 24, torch.float16, device, seed=3)
+    x, down, up, bias = _factors(m, 40, rank, 24, torch.float16, device, seed=3)
     aux = [torch.randn(m, 24).to(device=device, dtype=torch.float16)]
     out = K.lowrank_linear(x, down, up, bias, "silu,mul", aux)
     ref = K.lowrank_linear_ref(x, down, up, bias, "silu,mul", aux)
@@ -60,37 +62,10 @@ def test_prefill_rows_take_the_t_given_variant(device, close_to_truth):
     assert "if T_GIVEN:" in K.kernel().source
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1, 512, 64, 8), (37, 700, 20, 3), (256, 512, 40, 2)], ids=lambda s: "x".join(map(str, s)))
-def test_split_k_first_product_matches_one_matmul(device, close_to_truth, dtype, shape):
-    """t = x·downᵀ in K slices (fp32 partials, summed in order, rounded once) is the one-matmul t."""
-    m, k, r, split = shape
-    x, down, _, _ = _factors(m, k, r, 1, dtype, device, seed=4)
-    t = K.down_product(x, down, split)
-    ref = torch.nn.functional.linear(x, down)
-    close_to_truth(t, ref, torch.nn.functional.linear(x.double(), down.double()), f"{dtype} {shape}")
-    if dtype == torch.float32:
-        torch.testing.assert_close(t, ref, rtol=1e-5, atol=1e-5)
-
-
-def test_few_tiles_of_t_split_k_inside_the_fused_path(device, close_to_truth):
-    m, k = K.T_GIVEN_ROWS, 512
-    assert K.first_product_plan(m, k, 40, torch.device(device)) > 1
-    x, down, up, bias = _factors(m, k, 40, 24, torch.float16, device, seed=5)
-    aux = [torch.randn(m, 24).to(device=device, dtype=torch.float16)]
-    out = K.lowrank_linear(x, down, up, bias, "gelu,add", aux)
-    ref = K.lowrank_linear_ref(x, down, up, bias, "gelu,add", aux)
-    truth = K.lowrank_linear_ref(x.double(), down.double(), up.double(), bias.double(), "gelu,add", [aux[0].double()])
-    close_to_truth(out, ref, truth, "split t")
-
-
-def test_split_count_fills_the_processors_once():
-    # H100 (132 SMs): the issue's 512 × 4096 → 4096 at r = 256 has 32 tiles of t → 4 slices (128
-    # programs); 4096 rows at r = 128 already has 128 tiles → cuBLAS; decode with a big down → 16
-    assert K.down_splits(512, 4096, 256, 132) == 4
-    assert K.down_splits(4096, 4096, 128, 132) == 1
-    assert K.down_splits(1, 4096, 256, 132) == K.DOWN_MAX_SPLIT
-    assert K.down_splits(1, 300, 256, 132) == 1  # slices would be shorter than DOWN_MIN_SLICE
+def test_first_product_given_from_prefill_rows_or_a_big_down():
+    assert not K.first_product_given(1, 576, 64)  # decode, small down: each program computes its t
+    assert K.first_product_given(K.T_GIVEN_ROWS, 576, 64)
+    assert K.first_product_given(1, 4096, 256)  # 2^20 elements of down: one cuBLAS t, then the GEMM
 
 
 def test_leading_dims_and_no_bias(device):

@@ -89,31 +89,6 @@ def test_stage1_choice(device, monkeypatch, blocks, rank, stage1):
     assert launched == [stage1]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(20, 256, 256, 16, 1), (33, 500, 300, 32, 1), (7, 250, 200, 16, 1)],
-                         ids=lambda s: "x".join(map(str, s)))  # fmt: skip
-def test_one_launch_prefill_matches_reference(device, close_to_truth, dtype, shape):
-    """The opt-in fused prefill kernel (rank 1, ≥ 16 blocks): stage 1 per group of input blocks fed
-    straight into stage 2's accumulator; ragged in/out, rows past the decode path."""
-    _, inn, out, _, _ = shape
-    x, L, R, bias = _factors(*shape, dtype, device, seed=8)
-    y = K.monarch_linear(x, L, R, out, bias, fused=True)
-    ref = K.monarch_linear_ref(x, L, R, out, bias)
-    close_to_truth(y, ref, x.double() @ _dense(L.double(), R.double(), out, inn).T + bias.double(), f"{dtype} {shape}")
-
-
-def test_one_launch_prefill_fuses_the_epilogue_and_takes_rank_1_only(device, close_to_truth):
-    x, L, R, bias = _factors(19, 256, 250, 16, 1, torch.float16, device, seed=9)
-    aux = [torch.randn(19, 250, generator=torch.Generator().manual_seed(10)).to(device=device, dtype=torch.float16)]
-    y = K.monarch_linear(x, L, R, 250, bias, "silu,mul", aux, fused=True)
-    ref = K.monarch_linear_ref(x, L, R, 250, bias, "silu,mul", aux)
-    truth = K.monarch_linear_ref(x.double(), L.double(), R.double(), 250, bias.double(), "silu,mul", [aux[0].double()])
-    close_to_truth(y, ref, truth, "fused prefill + silu,mul")
-    x2, L2, R2, _ = _factors(19, 256, 256, 16, 2, torch.float16, device)
-    with pytest.raises(KernelError, match="rank-1"):
-        K.monarch_linear(x2, L2, R2, 256, fused=True)
-
-
 def test_bad_factors(device):
     x, L, R, bias = _factors(2, 64, 64, 8, 1, torch.float32, device)
     with pytest.raises(KernelError, match="disagree"):
