@@ -161,7 +161,6 @@ def trace(layers: int = 2, mixed: bool = False) -> dict:
     import passes
     import passes.backend
     from codegen import dispatch
-    from codegen.kernels import lowrank
     from passes.quant_storage import IntNConfig
 
     cfg = LlamaConfig(num_hidden_layers=layers, **TINY)
@@ -179,9 +178,8 @@ def trace(layers: int = 2, mixed: bool = False) -> dict:
 
     graphs, fusion = [], []
     real_fuse = codegen.fusion.fuse_epilogues
-    saved = (codegen.ops._on_gpu, lowrank._processors, driver._active, passes.backend._inductor, codegen.fusion.fuse_epilogues)
+    saved = (codegen.ops._on_gpu, driver._active, passes.backend._inductor, codegen.fusion.fuse_epilogues)
     codegen.ops._on_gpu = lambda x: True
-    lowrank._processors = lambda device: 132
     driver.set_active(_Sm90())
     passes.backend._inductor = lambda gm, inputs, mode, patches: aot_module_simplified(gm, inputs, fw_compiler=_inspect(graphs))
     codegen.fusion.fuse_epilogues = lambda gm, **kw: fusion.append(str(real_fuse(gm, **kw)).splitlines()[0]) or None
@@ -193,8 +191,7 @@ def trace(layers: int = 2, mixed: bool = False) -> dict:
         with torch.no_grad(), dispatch.force_kernels():
             step(input_ids=torch.tensor([[5]]), past_key_values=cache, cache_position=torch.tensor([4]), use_cache=True)
     finally:
-        (codegen.ops._on_gpu, lowrank._processors, driver._active, passes.backend._inductor,
-         codegen.fusion.fuse_epilogues) = saved  # fmt: skip
+        codegen.ops._on_gpu, driver._active, passes.backend._inductor, codegen.fusion.fuse_epilogues = saved
         torch._dynamo.reset()
     from codegen import analysis_cache
 

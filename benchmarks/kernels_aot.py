@@ -56,7 +56,7 @@ def _signature(fn, pointers: dict, constexprs: dict) -> tuple[dict, dict]:
 #: every other integer and every pointer gets the 16-divisibility the JIT infers from real
 #: arguments — without it Triton cannot prove 16-byte alignment, so loads stay scalar and the
 #: loop pipeliner (cp.async) never fires, and the compiled code is not what a GPU run gets.
-NOT_DIVISIBLE = {"M", "M_CLASS", "R", "K_TERMS"}
+NOT_DIVISIBLE = {"M", "M_CLASS", "R", "K_TERMS", "KP_DIV", "NO"}
 
 
 def _compile(kernel, pointers, constexprs, config, arch):
@@ -137,9 +137,12 @@ def variants(quick: bool):
         for ai, bi in ((64, 64), (16, 256)) if full else ((64, 64),):
             out.append((f"kronecker {dt} AI={ai} BI={bi}", kronecker.kernel(ep), {"default": TY[dt]},
                         {**flags, "HAS_BIAS": True, "AI": ai, "BI": bi}, kronecker.CONFIGS if full else kronecker.CONFIGS[:1]))  # fmt: skip
-        out.append((f"int8 outlier {dt}", int8_outlier.kernel(ep.parse("add")), {"default": TY[dt], "codes_ptr": "*i8",
-                    "scale_ptr": "*fp16", "index_ptr": "*i64", "outl_ptr": "*i32", "outw_ptr": "*fp16"},
-                    {"HAS_OUTLIERS": True, "HAS_BIAS": True}, int8_outlier.CONFIGS if full else int8_outlier.CONFIGS[:1]))  # fmt: skip
+        out.append((f"int8 outlier quant {dt}", int8_outlier.quant_kernel(), {"default": TY[dt], "index_ptr": "*i64",
+                    "outl_ptr": "*i32", "q_ptr": "*i8", "sx_ptr": "*fp32", "xo_ptr": "*fp32"}, {"HAS_OUTLIERS": True, "KP_ALIGN": 8},
+                    int8_outlier.QUANT_CONFIGS if full else int8_outlier.QUANT_CONFIGS[:1]))  # fmt: skip
+        out.append((f"int8 outlier {dt}", int8_outlier.kernel(ep.parse("add")), {"default": TY[dt], "q_ptr": "*i8",
+                    "sx_ptr": "*fp32", "codes_ptr": "*i8", "scale_ptr": "*fp16", "xo_ptr": "*fp32", "outw_ptr": "*fp16"},
+                    {"HAS_OUTLIERS": True, "HAS_BIAS": True, "KP_ALIGN": 8}, int8_outlier.CONFIGS if full else int8_outlier.CONFIGS[:1]))  # fmt: skip
         for permuted in (True, False) if full else (True,):
             out.append((f"blockdiag {dt} permuted={permuted}", blockdiag.kernel(ep), {"default": TY[dt], "in_index_ptr": "*i32",
                         "out_pos_ptr": "*i32"}, {**flags, "HAS_BIAS": True, "GATHER": permuted, "SCATTER": permuted},

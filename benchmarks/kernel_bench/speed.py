@@ -313,7 +313,7 @@ def bench_int8_outlier(device, dtype):
         buffers = config.encode(torch.randn(n, n) / 64, torch.randperm(n)[:n_out])
         return Int8OutlierLinear(Int8OutlierWeight(config, (n, n), torch.float32, buffers), None)
 
-    _kernel_vs_torch_path(device, dtype, "LLM.int8() (activations quantized in the kernel, int8 dot, outlier columns)",
+    _kernel_vs_torch_path(device, dtype, "LLM.int8() (activations quantized once, then an int8 GEMM with the outlier columns)",
                           "outliers", "_int_mm + elementwise", INT8_OUTLIER_SHAPES, INT8_OUTLIER_ROWS, module, K.kernel)  # fmt: skip
 
 

@@ -1,6 +1,7 @@
-"""The LLM.int8() kernel (activations quantized per token in registers, int8 × int8 → int32 dot,
-fp32 outlier columns) against the module's torch code, which it must reproduce: the same integer
-product, the same rounding of the activations (half to even), the same scaling order."""
+"""The LLM.int8() kernels (a prologue quantizing the activations per token, then an int8 × int8 →
+int32 GEMM with the fp32 outlier columns) against the module's torch code, which they must
+reproduce: the same integer product, the same rounding of the activations (half to even), the same
+scaling order."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 from codegen import dispatch
 from codegen.kernels import int8_outlier as K
 from codegen.kernels.common import KernelError
+from passes import quant_formats as qf
 from passes.int8_outlier import Int8OutlierConfig, Int8OutlierLinear, Int8OutlierWeight
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -56,6 +58,25 @@ def test_matches_the_modules_torch_code(device, close_to_truth, dtype, shape):
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     else:  # one rounding to fp16/bf16 at the end vs the reference's; against its fp32 evaluation
         close_to_truth(y, ref, K.int8_outlier_linear_ref(x.double(), *bufs, bias.double()), f"{dtype} {shape}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}o{len(s[3])}")
+def test_prologue_quantizes_as_the_modules_torch_code(device, dtype, shape):
+    """q and s_x equal ``int8_rowwise`` of the gathered columns bit for bit (the rounding-boundary and
+    all-zero rows included); the outlier columns are copied exactly."""
+    m, inn, out, outliers = shape
+    _, _, index, outl, _ = _buffers(_weight(out, inn, outliers), device)
+    x = _inputs(m, inn, outliers, dtype, device)
+    q, sx, xo = K.quantize_activations(x, index, outl)
+    q_ref, sx_ref = qf.int8_rowwise(x.index_select(1, index))
+    assert q.dtype == torch.int8 and q.shape == (m, index.numel()) and q.is_contiguous()
+    assert torch.equal(q, q_ref) and torch.equal(sx, sx_ref)
+    assert torch.equal(xo, x.index_select(1, outl).float())
+    if m > 2 and not set(outliers) & set(range(8)):  # the boundary row: s_x = 1, halves to even
+        assert sx[1] == 1.0 and q[1, :8].tolist() == [127, 2, 0, 4, -126, 0, 2, -2]
+    if m > 2:  # the all-zero row: s_x = 0, q = 0
+        assert sx[2] == 0.0 and not q[2].any()
 
 
 def test_reference_is_the_modules_torch_code():
