@@ -265,9 +265,12 @@ def blockdiag_linear(
     x: Tensor, blocks: Tensor, out_features: int, in_index: Tensor | None, out_pos: Tensor | None, bias: Tensor | None,
     epilogue: str, aux: list[Tensor],
 ) -> Tensor:  # fmt: skip
-    """``epilogue(blockdiag(x) + bias)``, permutations fused; see :func:`codegen.kernels.blockdiag.blockdiag_linear`."""
-    if _on_gpu(x):
+    """``epilogue(blockdiag(x) + bias)``, permutations fused; see :func:`codegen.kernels.blockdiag.blockdiag_linear`
+    (past :data:`~codegen.kernels.blockdiag.KERNEL_MAX_M` rows the torch path runs on CUDA too)."""
+    if _on_gpu(x) and _blockdiag.kernel_takes(x):
         return _blockdiag.blockdiag_linear(x, blocks, out_features, in_index, out_pos, bias, epilogue, aux, wrap=wrap_triton)
+    if _on_gpu(x):
+        return _blockdiag.blockdiag_linear_ref(x, blocks, out_features, in_index, out_pos, bias, epilogue, aux)
     return torch.ops.decomp.blockdiag_linear_host(x, blocks, out_features, in_index, out_pos, bias, epilogue, aux)
 
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from codegen import dispatch
+from codegen.kernels.blockdiag import KERNEL_MAX_M
 from cost_model import MatmulCost
 from passes.config import TransformConfig, register_config
 from passes.structured_base import FactorSpec, Fit, Problem, StructuredTransform, single_threaded
@@ -373,8 +374,9 @@ class BlockDiagTransform(StructuredTransform):
         gathers = 2 if config.permute else 0
         weights = self.nbytes(config, out, inn, size)
         moved = weights + size * rows * (b * p * (1 + gathers) + b * s + out * (1 + gathers))
-        # decomp::blockdiag_linear (GPU): one launch, the permutations in its loads and store
-        fused = MatmulCost(2 * rows * b * s * p, weights + size * rows * (inn + out), 1)
+        # decomp::blockdiag_linear (GPU): one launch, the permutations in its loads and store, up to
+        # KERNEL_MAX_M rows (the torch path beyond)
+        fused = MatmulCost(2 * rows * b * s * p, weights + size * rows * (inn + out), 1) if rows <= KERNEL_MAX_M else None
         return MatmulCost(2 * rows * b * s * p, moved, 2 + gathers, fused)
 
 

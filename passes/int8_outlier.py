@@ -396,11 +396,13 @@ def outlier_candidate(
         return None
     size = site.nbytes // site.numel
     # quantizing the activations and the outlier matmul are two more launches; on a GPU
-    # (decomp::int8_outlier_linear) all of it is one
+    # (decomp::int8_outlier_linear) two in all: the activations quantized once (int8 q written and
+    # read back), then the int8 GEMM with the outlier columns
     cost = MatmulCost(0, 0, 0)
     for u in site.uses:
         one = matmul_cost(u.rows, inn, out, nbytes, size)
-        cost = cost + MatmulCost(one.flops, one.bytes, one.kernels + 2, one)
+        fused = MatmulCost(one.flops, one.bytes + 2 * u.rows * inn, one.kernels + 1)
+        cost = cost + MatmulCost(one.flops, one.bytes, one.kernels + 2, fused)
     return Candidate(config, nbytes, max(0.0, error), cost)
 
 

@@ -15,11 +15,13 @@ straight to its output column: ``out_pos`` is ``out_index`` inverted (block row 
 −1 for padding rows that are no output), which the module keeps beside its indices. Bias and the
 fused epilogue (``codegen.template``) apply in fp32 before the one rounding.
 
-The gather in the loads pays at decode (a few rows: 1.6–2.4× the torch path on an H100, run 7)
-but not at prefill, where every block-row tile re-gathers the same columns element by element
-(512 × 4096, 4 blocks: 177.6 µs against the torch path's 41.2). From :data:`GATHER_MAX_M` rows
-on, the wrapper gathers the input once (``index_select``, one pass) and the kernel reads it
-contiguously; the output scatter stays in the store.
+The gather in the loads pays at decode (1 × 4096 → 4096: 1.6–2.4× the torch path on an H100,
+1.3–2.2× dense, run 7) but not at prefill, where every block-row tile re-gathers the same
+columns element by element (512 × 4096, 4 blocks: 177.6 µs against the torch path's 41.2; 4096
+rows: 2589 against 257). Past :data:`GATHER_MAX_M` rows the wrapper gathers the input once
+(``index_select``, one pass) and the kernel reads it contiguously — not measured on a GPU yet,
+so the operator runs the kernel only up to :data:`KERNEL_MAX_M` rows and the torch path beyond
+(the benchmark times the kernel at those rows beside it).
 """
 
 from __future__ import annotations
@@ -38,11 +40,20 @@ from codegen.kernels.common import (
 )
 from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
 
-__all__ = ["CONFIGS", "GATHER_MAX_M", "blockdiag_linear", "blockdiag_linear_ref", "kernel"]
+__all__ = ["CONFIGS", "GATHER_MAX_M", "KERNEL_MAX_M", "blockdiag_linear", "blockdiag_linear_ref", "kernel", "kernel_takes"]
 
 #: Up to this many rows the kernel gathers the permuted input in its loads; beyond, the wrapper
 #: gathers it once first (read at launch).
 GATHER_MAX_M = 16
+#: ``decomp::blockdiag_linear`` on CUDA runs the kernel up to this many rows, the torch path beyond
+#: (measured faster there; read at call time).
+KERNEL_MAX_M = 16
+
+
+def kernel_takes(x: torch.Tensor) -> bool:
+    """Whether the operator runs the kernel for ``x`` (``(..., in)``) rather than the torch path."""
+    return x.numel() <= KERNEL_MAX_M * x.shape[-1]
+
 
 TEMPLATE = (
     DOT_HELPER

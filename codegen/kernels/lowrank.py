@@ -39,15 +39,7 @@ from codegen.kernels.common import (
 )
 from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
 
-__all__ = [
-    "CONFIGS",
-    "MAX_RANK",
-    "first_product_given",
-    "kernel",
-    "lowrank_linear",
-    "lowrank_linear_ref",
-    "supports",
-]
+__all__ = ["CONFIGS", "MAX_RANK", "first_product_given", "kernel", "lowrank_linear", "lowrank_linear_ref", "supports"]
 
 #: Largest padded rank kept on chip (``BM × MAX_RANK`` fp32 accumulators per program).
 MAX_RANK = 256

@@ -110,3 +110,24 @@ def test_module_calls_the_kernel_and_keeps_its_output_positions_through_a_reload
 
 def test_swiglu_tail_is_fused_into_the_kernel(device, gated_tail_fused):
     gated_tail_fused(_module(48, 40, seed=2), _module(48, 40, seed=3), torch.randn(2, 5, 40, device=device), "blockdiag_linear")
+
+
+def test_cuda_operator_runs_the_kernel_up_to_kernel_max_m_rows_only(monkeypatch):
+    """On CUDA the operator takes the kernel at decode rows and the torch path past KERNEL_MAX_M
+    (measured faster there); both give the module's result."""
+    from codegen import ops
+
+    calls = []
+    monkeypatch.setattr(ops, "_on_gpu", lambda x: True)  # CPU tensors take the CUDA branch
+    for name in ("blockdiag_linear", "blockdiag_linear_ref"):
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+    module = _module().eval()
+    for rows in (K.KERNEL_MAX_M, K.KERNEL_MAX_M + 1):
+        x = torch.randn(rows, 40)
+        with torch.no_grad():
+            with dispatch.force_kernels(False):
+                eager = module(x)
+            y = torch.ops.decomp.blockdiag_linear(x, module.blocks, 48, module.in_index, module.out_pos, module.bias, "", [])
+        torch.testing.assert_close(y, eager, rtol=1e-5, atol=1e-5)
+    assert calls == ["blockdiag_linear", "blockdiag_linear_ref"]

@@ -72,3 +72,17 @@ def test_gpu_latency_of_a_low_rank_layer_counts_one_launch():
     fused = cost.on(H100)
     expected = max(fused.flops / H100.peak(torch.float32), fused.bytes / H100.bytes_per_s) + H100.launch_s
     assert roofline_seconds(cost, H100) == pytest.approx(expected)
+
+
+def test_prefill_rows_price_the_paths_the_operators_take():
+    """Past the rows where measured kernels lose or need a first product, the GPU estimate follows
+    the operator: block-diagonal keeps its torch path; low-rank computes t first (two launches)."""
+    from codegen.kernels.blockdiag import KERNEL_MAX_M
+    from codegen.kernels.lowrank import T_GIVEN_ROWS
+
+    config = BlockDiagConfig(4)
+    assert BlockDiagTransform().op_cost(config, KERNEL_MAX_M, 4096, 4096, 2).on(H100).kernels == 1
+    prefill = BlockDiagTransform().op_cost(config, KERNEL_MAX_M + 1, 4096, 4096, 2)
+    assert prefill.fused is None and prefill.on(H100) == prefill.on(CPU)
+    decode, given = (LowRankTransform._cost(_site(rows=rows), 32, 2).on(H100) for rows in (1, T_GIVEN_ROWS))
+    assert decode.kernels == 1 and given.kernels == 2
