@@ -119,6 +119,9 @@ def variants(quick: bool):
                     out.append(
                         (f"dequant {label} {fmt} {dt} lr={has_lr}", kern, pointers, consts, configs if full else configs[:1])
                     )
+            decode = {k: consts[k] for k in ("KIND", "BITS", "GROUP", "DQ")}  # the weight decoded once (prefill)
+            out.append((f"dequant weight {fmt} {dt}", dequant.dequant_kernel(), pointers, decode,
+                        dequant.DEQUANT_CONFIGS if dt == "fp16" and not quick else dequant.DEQUANT_CONFIGS[:1]))  # fmt: skip
             if fmt in ("int8", "int4g32", "nf4g64dq"):  # the grouped GEMV: q/k/v outputs, the SwiGLU pair
                 group_pointers = {"default": TY[dt]}
                 for w in range(3):
@@ -266,9 +269,9 @@ def launch_cases():
             codes, consts = w.codes, [getattr(w, n) for n in f.constant_names()]
             down, up = torch.randn(16, 256).to(dt), torch.randn(192, 16).to(dt)
             bias = torch.randn(192).to(dt)
-            for m in (1, 64):
+            for m in (1, 64, dequant.DEQUANT_FIRST_M):
                 x = torch.randn(m, 256).to(dt)
-                path = "gemv" if m <= dequant.GEMV_MAX_M else "gemm"
+                path = "gemv" if m <= dequant.GEMV_MAX_M else "gemm" if m < dequant.DEQUANT_FIRST_M else "decode-first"
                 cases.append(
                     (
                         f"quant_linear {path} {f.spec} {dt}",

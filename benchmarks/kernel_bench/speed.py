@@ -23,7 +23,7 @@ LOWRANK_SHAPES = [(512, 4096, 4096, 256), (2048, 4096, 4096, 256), (4096, 4096, 
 GEMV_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576)]
 GEMV_FORMATS = ["int4g128", "int4g32", "int3g64", "int8", "nf4g64"]
 #: (M, out, in) of the prefill GEMMs.
-GEMM_SHAPES = [(512, 4096, 4096), (512, 1536, 576)]
+GEMM_SHAPES = [(512, 4096, 4096), (4096, 4096, 4096), (512, 1536, 576), (32, 1536, 576)]
 #: (n, blocks) and row counts of the Monarch rows.
 MONARCH_SHAPES = [(4096, 64), (8192, 64)]
 MONARCH_ROWS = (1, 512, 4096)
@@ -137,15 +137,30 @@ def bench_dequant(device, dtype):
         print(f"\nthe tensor-core path was faster in {sum(tc_wins)}/{len(tc_wins)} int4 rows: the rest of this run "
               "(end to end included) decodes on it (GEMV_MAX_M = 0)")  # fmt: skip
     _gemv_landscape(device, dtype, make_dense, make_quant)
-    print("\n### Dequant-GEMM at prefill vs the fp16 dense matmul (CUDA graph, cold weights)\n")
-    _print_row("M × in → out", "format", "fp16 F.linear", "kernel", "speedup")
-    _print_row(*["---"] * 5)
+    print("\n### Dequant at prefill vs the fp16 dense matmul (CUDA graph, cold weights)\n")
+    print(f"quant_linear: the GEMM kernel below {D.DEQUANT_FIRST_M} rows, from there the weight decoded once + cuBLAS; "
+          "both timed at every row count\n")  # fmt: skip
+    _print_row("M × in → out", "format", "fp16 F.linear", "quant_linear", "speedup", "GEMM kernel", "decode once + cuBLAS",
+               "decode alone")  # fmt: skip
+    _print_row(*["---"] * 8)
     for m, n, k in GEMM_SHAPES:
         if _late("dequant GEMM"):
             break
         dense = _cold(functools.partial(make_dense, m=m, n=n, k=k))
         ours = _cold(functools.partial(make_quant, m=m, n=n, k=k, spec="int4g128"))
-        _print_row(f"{m} × {k} → {n}", "int4g128", f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{dense / ours:.2f}×")
+        times = []
+        for first_m in (10**9, 0):  # the GEMM kernel; the decode-first path
+            with unittest.mock.patch.object(D, "DEQUANT_FIRST_M", first_m):
+                times.append(_cold(functools.partial(make_quant, m=m, n=n, k=k, spec="int4g128")))
+
+        def make_decode(i, n=n, k=k):
+            pw, _ = _packed(_format("int4g128"), n, k, dtype, device, seed=i)
+            codes, constants, fmt = _buffers(pw)
+            return (lambda: D.dequantize(codes, constants, fmt, k, dtype)), _nbytes(codes, *constants)
+
+        decode = _cold(make_decode)
+        _print_row(f"{m} × {k} → {n}", "int4g128", f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{dense / ours:.2f}×",
+                   *(f"{t * 1e3:.1f} µs = {dense / t:.2f}×" for t in times), f"{decode * 1e3:.1f} µs")  # fmt: skip
 
 
 #: (out, in) and formats of the per-config GEMV table (every tuning config timed alone).

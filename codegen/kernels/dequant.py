@@ -13,7 +13,7 @@ per row (int4: two per byte, int2: four, int3: eight per three bytes): a tile of
 is ``BK·bits/8`` contiguous bytes, split into code planes with shifts and interleaved back into
 column order with ``tl.join`` (no per-element gathers).
 
-Two paths:
+Three paths:
 
 - GEMV (``M ≤`` :data:`GEMV_MAX_M`, batch-1 decode): a program owns ``BN`` output rows of
   one input row, accumulates ``w ⊙ x`` in fp32 over K and reduces once; no tensor cores. Its
@@ -23,6 +23,9 @@ Two paths:
   (:func:`_code_values`: no conversion instructions) and fed to ``tl.dot`` (the dequantized tile
   never leaves the chip). At batch 1 its BM = 16 tiles lost to the GEMV on the H100 (run 6:
   11.9 vs 9.6 µs at 4096², 63 vs 20 µs at 4096 × 11008).
+- From :data:`DEQUANT_FIRST_M` rows: the weight decoded once (:func:`dequantize`, one kernel)
+  and multiplied by cuBLAS — the GEMM decodes each weight tile once per row block, and took
+  2.5× dense's time at 512 rows (run 7).
 
 The low-rank term: ``t = x·downᵀ`` (``M × r``, small) is one torch matmul before the launch;
 the kernel adds ``t·upᵀ`` to its accumulator, so the ``M × out`` low-rank output and the add
@@ -44,9 +47,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from codegen.kernels.common import UNUSED, KernelError, aux_rows, check_float, dot_flags, next_pow2, parse_epilogue, rows_of
+from codegen.kernels.common import (
+    UNUSED,
+    KernelError,
+    aux_rows,
+    check_float,
+    dot_flags,
+    next_pow2,
+    parse_epilogue,
+    reference_epilogue,
+    rows_of,
+)
 from codegen.kernels.dequant_source import (
     CONSTANT_BLOCK,
+    DEQUANT_CONFIGS,
+    DEQUANT_TEMPLATE,
     GEMM_CONFIGS,
     GEMM_TEMPLATE,
     GEMV_CONFIGS,
@@ -58,12 +73,15 @@ from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
 
 __all__ = [
     "CONSTANT_BLOCK",
+    "DEQUANT_FIRST_M",
     "GEMM_CONFIGS",
     "GEMV_CONFIGS",
     "GEMV_MAX_M",
     "MAX_RANK",
     "NF4_VALUES",
     "QuantFormat",
+    "dequant_kernel",
+    "dequantize",
     "dequantize_ref",
     "gemm_kernel",
     "gemv_group_kernel",
@@ -81,6 +99,14 @@ GEMV_MAX_M = 4
 
 #: Largest padded rank of the fused low-rank term.
 MAX_RANK = 256
+
+#: From this many rows on (prefill), the weight is decoded once to a dense matrix
+#: (:func:`dequantize`) and multiplied by cuBLAS, instead of the GEMM kernel decoding every weight
+#: tile once per row block (``M / BM`` times). The GEMM took 63.3 µs at 512 × 4096 → 4096 int4
+#: against fp16 ``F.linear``'s 25.3 (H100, run 7); decoding 4096² once moves ~44 MB (~15–23 µs at
+#: the 2–3 TB/s the card streams), so this path is expected at ~40–50 µs there and the gap to
+#: grow with the rows. Not yet measured on the card (the benchmark times both); read at call time.
+DEQUANT_FIRST_M = 512
 
 
 def supports(down: torch.Tensor | None) -> bool:
@@ -181,6 +207,11 @@ def gemm_kernel(epilogue: Epilogue = NO_EPILOGUE):
     return build(GEMM_TEMPLATE, "_dequant_gemm_kernel", epilogue, GEMM_CONFIGS, _KEY, __name__)
 
 
+def dequant_kernel():
+    """The built weight-decoding kernel (cached)."""
+    return build(DEQUANT_TEMPLATE, "_dequant_weight_kernel", NO_EPILOGUE, DEQUANT_CONFIGS, ("N", "K"), __name__)
+
+
 # ---- reference -----------------------------------------------------------------------------
 
 
@@ -260,7 +291,8 @@ def _check_buffers(f: QuantFormat, codes, constants, cols: int) -> int:
 def quant_linear(
     x, codes, constants, fmt: str, cols: int, bias=None, down=None, up=None, epilogue: str = "", aux=(), *, wrap=None
 ) -> torch.Tensor:
-    """Launch the dequant GEMV (``M ≤ GEMV_MAX_M``) or GEMM kernel.
+    """Launch the dequant GEMV (``M ≤ GEMV_MAX_M``) or GEMM kernel; from ``DEQUANT_FIRST_M`` rows,
+    decode the weight once and multiply with torch (cuBLAS on CUDA).
 
     Args:
         x: ``(..., cols)`` activations (fp32/fp16/bf16).
@@ -299,6 +331,12 @@ def quant_linear(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.view(out_shape)
+    if m >= DEQUANT_FIRST_M:  # prefill: decode the weight once, then cuBLAS (what quant_linear_ref computes)
+        w = _dequantize(f, codes, constants, cols, n_groups, x.dtype, None if eager else wrap)
+        y = F.linear(x2, w, bias)
+        if down is not None:
+            y = y + F.linear(F.linear(x2, down), up)
+        return reference_epilogue(y, epilogue, auxs).view(out_shape)
     t = F.linear(x2, down).contiguous() if down is not None else UNUSED
     c = _constant_slots(f, constants)
     row_bytes = codes.shape[1]
@@ -401,6 +439,27 @@ def quant_linear_group(
         grid = lambda meta: (sum(-(-s // meta["BN"]) for s in out_sizes), m)
         _kernel(gemv_group_kernel, ep).launch(grid, *args, wrap=None if eager else wrap, **meta)
     return [o.view(*x.shape[:-1], o.shape[1]) for o in outs]
+
+
+def dequantize(codes, constants, fmt: str, cols: int, dtype: torch.dtype, *, wrap=None) -> torch.Tensor:
+    """The ``(out, cols)`` weight in ``dtype``, decoded from the stored buffers by one kernel:
+    ``dequantize_ref(...)`` (fp32) rounded once to ``dtype``."""
+    f = QuantFormat.parse(fmt)
+    n_groups = _check_buffers(f, codes, constants, cols)
+    return _dequantize(f, codes, constants, cols, n_groups, dtype, wrap)
+
+
+def _dequantize(f: QuantFormat, codes, constants, cols: int, n_groups: int, dtype: torch.dtype, wrap) -> torch.Tensor:
+    n = codes.shape[0]
+    w = torch.empty((n, cols), dtype=dtype, device=codes.device)
+    if n == 0 or cols == 0:
+        return w
+    dequant_kernel().launch(
+        lambda meta: (-(-n // meta["BN"]), -(-cols // meta["BK"])),
+        codes if codes.is_contiguous() else codes.contiguous(), *_constant_slots(f, constants), w,
+        n, cols, codes.shape[1], n_groups, KIND=f.kind, BITS=f.bits, GROUP=max(f.group, 1), DQ=f.dq, wrap=wrap,
+    )  # fmt: skip
+    return w
 
 
 def _constant_slots(f: QuantFormat, constants) -> list:

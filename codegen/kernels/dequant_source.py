@@ -491,3 +491,34 @@ GEMM_CONFIGS = (
     {"BM": 16, "BN": 32, "BK": 256, "num_warps": 4, "num_stages": 4},
     {"BM": 16, "BN": 64, "BK": 256, "num_warps": 4, "num_stages": 3},
 )
+
+#: The weight decoded once to a dense ``(N, K)`` matrix in the input dtype (the prefill path from
+#: ``DEQUANT_FIRST_M`` rows: then one cuBLAS matmul). Decoded in fp32 and rounded once, as the
+#: reference's ``dequantize_ref(...).to(dtype)`` is.
+DEQUANT_TEMPLATE = (
+    _HELPERS
+    + """
+
+@triton.jit
+def ${KERNEL}(
+    codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, w_ptr, N, K, row_bytes, n_groups,
+    KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    k0 = tl.program_id(1) * BK
+    offs_k = k0 + tl.arange(0, BK)
+    n_mask = offs_n < N
+    w = _weight_tile(codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0, row_bytes, n_groups,
+                     KIND, BITS, GROUP, DQ, BN, BK, tl.float32)
+    tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=n_mask[:, None] & (offs_k < K)[None, :])
+"""
+)
+
+#: Dequantization tiles (``BK`` a multiple of every group size and of int3's 8-code words).
+DEQUANT_CONFIGS = (
+    {"BN": 32, "BK": 256, "num_warps": 4, "num_stages": 1},
+    {"BN": 64, "BK": 128, "num_warps": 4, "num_stages": 1},
+    {"BN": 16, "BK": 256, "num_warps": 4, "num_stages": 1},
+    {"BN": 64, "BK": 256, "num_warps": 8, "num_stages": 1},
+)

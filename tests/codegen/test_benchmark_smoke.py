@@ -59,7 +59,7 @@ def test_benchmark_sections_run_at_tiny_sizes(device, capsys, monkeypatch):
     bench.bench_decode_proxy(device, dtype, 2, kernel_variants=True)
     out = capsys.readouterr().out
     assert common.FAILURES == []
-    for heading in ("Fused low-rank", "Dequant-GEMV", "tuning configs, each alone", "Dequant-GEMM", "Monarch", "Block-diagonal",
+    for heading in ("Fused low-rank", "Dequant-GEMV", "tuning configs, each alone", "Dequant at prefill", "Monarch", "Block-diagonal",
                     "LLM.int8()", "Kronecker sums", "Decode proxy"):  # fmt: skip
         assert heading in out
     assert "kernel + fused epilogues" in out and "gate·up one SwiGLU kernel" in out and out.count("×") > 8
@@ -68,6 +68,8 @@ def test_benchmark_sections_run_at_tiny_sizes(device, capsys, monkeypatch):
     assert len(prefill) == 1 and prefill[0].count("µs") == 5  # Monarch two-stage row: + stage 1 timed alone
     blocked = [line for line in out.splitlines() if line.startswith("| 17 × 256 | 16, 1 |")]
     assert len(blocked) == 1 and blocked[0].count("µs") == 5  # blocked stage 1 timed alone too
+    gemm = [line for line in out.splitlines() if line.startswith("| 20 × 64 → 24 | int4g128 |")]
+    assert len(gemm) == 1 and gemm[0].count("µs") == 5  # dense, dispatched, GEMM kernel, decode + matmul, decode alone
     blockdiag = [line for line in out.splitlines() if line.startswith(("| 1 × 64 | 4 |", "| 17 × 64 | 4 |"))]
     # dense, kernel, torch path; at 17 rows (past GATHER_MAX_M) also the in-kernel gather
     assert len(blockdiag) == 2 and [line.count("µs") for line in blockdiag] == [3, 4]

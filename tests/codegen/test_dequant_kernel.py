@@ -71,6 +71,57 @@ def test_matches_reference(device, close_to_truth, config, dtype, rows):
     close_to_truth(out, ref, truth, f"{spec} {dtype} m={rows}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", FORMATS, ids=lambda c: c.describe())
+def test_dequantize_kernel_is_the_reference_weight_rounded_once(device, config, dtype):
+    """The prefill path's decoded weight: ``dequantize_ref`` (fp32) rounded to the dtype, up to the
+    fp32 roundings of ``q·s + min`` (a fused multiply-add in the kernel; the terms can be larger than
+    their sum) and of double-quantized constants: within an ulp of the row's largest weight, where a
+    wrong code or constant is off by a quantization step (~1/8 of it for int4)."""
+    pw = _packed(config, 40, 300, dtype, device)  # 300 columns: two BK tiles, the second ragged
+    codes, constants, spec = _buffers(pw)
+    w = D.dequantize(codes, constants, spec, 300, dtype)
+    ref = D.dequantize_ref(codes, constants, spec, 300)
+    assert w.shape == (40, 300) and w.dtype == dtype
+    bound = 2 * torch.finfo(dtype).eps * ref.abs().amax(dim=1, keepdim=True)
+    assert ((w.float() - ref).abs() <= bound).all(), spec
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefill_rows_decode_the_weight_once_then_matmul(device, close_to_truth, monkeypatch, dtype):
+    """From DEQUANT_FIRST_M rows on: the weight decoded once, cuBLAS (torch) for the product, the
+    low-rank term, bias and epilogue as the reference applies them."""
+    monkeypatch.setattr(D, "DEQUANT_FIRST_M", 16)
+    out_f, inn, r, rows = 48, 200, 8, 20
+    pw = _packed(IntNConfig(4, 32), out_f, inn, dtype, device)
+    codes, constants, spec = _buffers(pw)
+    g = torch.Generator().manual_seed(5)
+    x, down, up, bias, aux = (
+        torch.randn(rows, inn, generator=g),
+        torch.randn(r, inn, generator=g) / 8,
+        torch.randn(out_f, r, generator=g) / 3,
+        torch.randn(out_f, generator=g),
+        torch.randn(rows, out_f, generator=g),
+    )
+    x, down, up, bias, aux = (t.to(device=device, dtype=dtype) for t in (x, down, up, bias, aux))
+    launched = []
+    real = D.dequant_kernel
+
+    def spy():
+        launched.append(1)
+        return real()
+
+    monkeypatch.setattr(D, "dequant_kernel", spy)
+    out = D.quant_linear(x, codes, constants, spec, inn, bias, down, up, "gelu,add", [aux])
+    ref = D.quant_linear_ref(x, codes, constants, spec, inn, bias, down, up, "gelu,add", [aux])
+    truth = D.quant_linear_ref(x.double(), codes, constants, spec, inn, bias.double(), down.double(), up.double(),
+                               "gelu,add", [aux.double()])  # fmt: skip
+    close_to_truth(out, ref, truth, f"dequantize first {dtype}")
+    assert launched == [1]
+    D.quant_linear(x[:15], codes, constants, spec, inn, bias)  # below the threshold: the GEMM kernel
+    assert launched == [1]
+
+
 @pytest.mark.parametrize(
     "config", [Int8Config(), IntNConfig(4, 32), IntNConfig(3, 64), NF4Config(128, True)], ids=lambda c: c.describe()
 )
