@@ -57,13 +57,14 @@ def check_dequant(device):
     for spec, dtype in cases:
         pw, _ = _packed(_format(spec), out_f, inn, dtype, device)
         codes, constants, fmt = _buffers(pw)
-        for m in (1, 3, 64) if spec == "int4g32" else (1, 64):
+        for m in (1, 3, 64, D.DEQUANT_FIRST_M) if spec == "int4g32" else (1, 64, D.DEQUANT_FIRST_M):
             x = torch.randn(m, inn, generator=g).to(device, dtype)
             bias = torch.randn(out_f, generator=g).to(device, dtype)
             out = D.quant_linear(x, codes, constants, fmt, inn, bias)
             ref = D.quant_linear_ref(x, codes, constants, fmt, inn, bias)
             truth = D.quant_linear_ref(x.double(), codes, constants, fmt, inn, bias.double())
-            _verdict(f"dequant {fmt} {str(dtype)[6:]} m={m} ({'gemv' if m <= D.GEMV_MAX_M else 'gemm'})", out, ref, truth)
+            path = "gemv" if m <= D.GEMV_MAX_M else "gemm" if m < D.DEQUANT_FIRST_M else "decode once + matmul"
+            _verdict(f"dequant {fmt} {str(dtype)[6:]} m={m} ({path})", out, ref, truth)
     # LQ: int3 + rank-16 term, SwiGLU epilogue
     pw, _ = _packed(_format("int3g64"), 576, 1536, torch.float16, device)
     codes, constants, fmt = _buffers(pw)
