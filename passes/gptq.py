@@ -67,11 +67,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cost_model import MatmulCost, SiteStats, matmul_cost, perturbation_error
+from cost_model import MatmulCost, SiteStats, perturbation_error
 from ir import UseKind, WeightSite
 from passes import quant_formats as qf
 from passes.config import TransformConfig, register_config
-from passes.quant_storage import BITS, GROUP_SIZES, Buffers, IntNConfig, PackedWeight, QuantizedLinear
+from passes.quant_storage import BITS, GROUP_SIZES, Buffers, IntNConfig, PackedWeight, QuantizedLinear, quantized_matmul_cost
 from passes.transform import Candidate, Transform, Workspace, register_transform, replace_module
 
 __all__ = ["DAMPING", "GPTQConfig", "GPTQTransform", "candidate_configs", "gptq_encode", "inverse_hessian_factor"]
@@ -180,11 +180,7 @@ def _pad_factor(upper: torch.Tensor, cols: int) -> torch.Tensor:
 
 
 def _gptq_columns(
-    w: torch.Tensor,
-    upper: torch.Tensor,
-    bits: int,
-    group_size: int,
-    blocks: dict[str, torch.Tensor] | None = None,
+    w: torch.Tensor, upper: torch.Tensor, bits: int, group_size: int, blocks: dict[str, torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """GPTQ over the columns of the padded ``(out, cols)`` fp32 ``w`` (module docstring, step 3).
 
@@ -315,7 +311,7 @@ class GPTQTransform(Transform):
             decoded = config.storage.decode(_encode(w, factor, config, memo), inn, torch.float32)
             error = perturbation_error(site, stats, w.cpu(), w.sub(decoded).cpu())
             if math.isfinite(error):  # fp16 constants overflow past 65504: not an option then
-                cost = sum((matmul_cost(u.rows, inn, out, nbytes, size) for u in site.uses), MatmulCost(0, 0, 0))
+                cost = sum((quantized_matmul_cost(u.rows, inn, out, nbytes, size) for u in site.uses), MatmulCost(0, 0, 0))
                 result.append(Candidate(config, nbytes, error, cost))
         return result
 

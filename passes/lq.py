@@ -458,6 +458,8 @@ class LQTransform(Transform):
 
     @staticmethod
     def _cost(site: WeightSite, config: LQConfig, nbytes: int, size: int) -> MatmulCost:
+        from codegen.kernels.dequant import DEQUANT_FIRST_M
+
         out, inn = site.matrix_shape
         r = config.rank
         q_bytes = config.storage().nbytes(out, inn)
@@ -472,8 +474,12 @@ class LQTransform(Transform):
                     + matmul_cost(use.rows, inn, r, r * inn * size, size)
                     + matmul_cost(use.rows, r, out, r * out * size, size)
                 )
-                # decomp::quant_linear with the low-rank term (GPU): one launch, (x·L2ᵀ) on chip
-                fused = MatmulCost(parts.flops, q_bytes + r * (inn + out) * size + use.rows * (inn + out) * size, 1)
+                # decomp::quant_linear with the low-rank term (GPU): one launch, (x·L2ᵀ) on chip; from
+                # DEQUANT_FIRST_M rows, Q decoded once (written and read back dense), then the torch matmuls
+                if use.rows < DEQUANT_FIRST_M:
+                    fused = MatmulCost(parts.flops, q_bytes + r * (inn + out) * size + use.rows * (inn + out) * size, 1)
+                else:
+                    fused = MatmulCost(parts.flops, parts.bytes + 2 * out * inn * size, parts.kernels + 1)
                 total = total + MatmulCost(parts.flops, parts.bytes, parts.kernels, fused)
         return total
 

@@ -22,18 +22,43 @@ import torch.nn.functional as F
 from torch import nn
 
 from codegen import dispatch
-from cost_model import dtype_size
+from cost_model import MatmulCost, dtype_size, matmul_cost
 from passes import dequant_ops
 from passes import quant_formats as qf
 from passes.config import TransformConfig, register_config
 
-__all__ = ["BITS", "GROUP_SIZES", "Buffers", "Int8Config", "IntNConfig", "NF4Config", "PackedWeight", "QuantConfig", "QuantizedEmbedding", "QuantizedLinear"]
+__all__ = [
+    "BITS",
+    "GROUP_SIZES",
+    "Buffers",
+    "Int8Config",
+    "IntNConfig",
+    "NF4Config",
+    "PackedWeight",
+    "QuantConfig",
+    "QuantizedEmbedding",
+    "QuantizedLinear",
+    "quantized_matmul_cost",
+]
 
 BITS = (2, 3, 4)
 GROUP_SIZES = (32, 64, 128)
 
 Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 Buffers = dict[str, torch.Tensor]
+
+
+def quantized_matmul_cost(rows: int, inn: int, out: int, nbytes: int, size: int) -> MatmulCost:
+    """A quantized linear over ``rows`` activation rows: the stored ``nbytes`` read once by the
+    dequantizing matmul. On a GPU (``decomp::quant_linear``), from ``DEQUANT_FIRST_M`` rows the
+    weight is decoded once to a dense matrix (written and read back: ``2·out·inn·size`` more bytes,
+    one more launch) and multiplied densely."""
+    from codegen.kernels.dequant import DEQUANT_FIRST_M
+
+    plain = matmul_cost(rows, inn, out, nbytes, size)
+    if rows < DEQUANT_FIRST_M:
+        return plain
+    return MatmulCost(plain.flops, plain.bytes, plain.kernels, MatmulCost(plain.flops, plain.bytes + 2 * out * inn * size, 2))
 
 
 def _check_choice(cls: str, field: str, value, valid: tuple) -> None:
@@ -99,9 +124,7 @@ class QuantConfig(TransformConfig):
         """(unpacked codes, constant buffers, fp32 constants as stored) of the ``(out, in)`` weight."""
         raise NotImplementedError
 
-    def _dequantize(
-        self, q: torch.Tensor, constants: tuple[torch.Tensor, ...], cols: int, dtype: torch.dtype
-    ) -> torch.Tensor:
+    def _dequantize(self, q: torch.Tensor, constants: tuple[torch.Tensor, ...], cols: int, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
 
     def _dequantize_op(self, codes: torch.Tensor, constants: tuple[torch.Tensor, ...], cols: int) -> torch.Tensor:

@@ -43,7 +43,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from cost_model import MatmulCost, SiteStats, matmul_cost
+from cost_model import MatmulCost, SiteStats
 from ir import UseKind, WeightSite
 from passes.config import TransformConfig
 from passes.int8_outlier import Int8OutlierConfig, outlier_candidate, rewrite_int8_outlier
@@ -57,13 +57,11 @@ from passes.quant_storage import (
     QuantConfig,
     QuantizedEmbedding,
     QuantizedLinear,
+    quantized_matmul_cost,
 )
 from passes.transform import Candidate, Transform, Workspace, register_transform, replace_module
 
-__all__ = [
-    "QuantizeTransform",
-    "candidate_configs",
-]
+__all__ = ["QuantizeTransform", "candidate_configs"]
 
 _CONFIG_TYPES = (Int8Config, IntNConfig, NF4Config, Int8OutlierConfig)
 
@@ -170,7 +168,7 @@ class QuantizeTransform(Transform):
             if use.kind is UseKind.EMBEDDING:  # read each looked-up row's stored bytes, write it dense
                 total = total + MatmulCost(0, use.rows * (-(-nbytes // out) + inn * size), 1)
             else:  # dequantization fused into the matmul: it reads the stored bytes once
-                total = total + matmul_cost(use.rows, inn, out, nbytes, size)
+                total = total + quantized_matmul_cost(use.rows, inn, out, nbytes, size)
         return total
 
     def rewrite(self, model: nn.Module, site: WeightSite, config: TransformConfig, ws: Workspace) -> None:
@@ -179,9 +177,7 @@ class QuantizeTransform(Transform):
         if isinstance(config, Int8OutlierConfig):
             return rewrite_int8_outlier(model, site, config, ws)
         if not self._supported(site, model):
-            raise ValueError(
-                f"{site.name} cannot be quantized: 1×1 convolutions and max_norm/sparse embeddings are not handled"
-            )
+            raise ValueError(f"{site.name} cannot be quantized: 1×1 convolutions and max_norm/sparse embeddings are not handled")
         out, inn = site.matrix_shape
         weight = model.get_parameter(site.name)
         if ws.materialize:

@@ -86,3 +86,18 @@ def test_prefill_rows_price_the_paths_the_operators_take():
     assert prefill.fused is None and prefill.on(H100) == prefill.on(CPU)
     decode, given = (LowRankTransform._cost(_site(rows=rows), 32, 2).on(H100) for rows in (1, T_GIVEN_ROWS))
     assert decode.kernels == 1 and given.kernels == 2
+
+
+def test_quantized_prefill_on_a_gpu_prices_the_weight_decoded_once():
+    """From DEQUANT_FIRST_M rows the operator decodes the weight to a dense matrix first: on a GPU
+    profile that is one more launch and the dense weight written and read back; decode unchanged."""
+    from codegen.kernels.dequant import DEQUANT_FIRST_M
+    from passes.quant_storage import quantized_matmul_cost
+
+    decode = quantized_matmul_cost(1, 4096, 4096, 4096 * 4096 // 2, 2)
+    assert decode.fused is None and decode.on(H100) == decode.on(CPU)
+    prefill = quantized_matmul_cost(DEQUANT_FIRST_M, 4096, 4096, 4096 * 4096 // 2, 2)
+    assert prefill.on(CPU).kernels == 1 and prefill.on(H100).kernels == 2
+    assert prefill.on(H100).bytes == prefill.on(CPU).bytes + 2 * 4096 * 4096 * 2
+    lq = LQTransform._cost(_site(rows=DEQUANT_FIRST_M), LQConfig(16, 4, 64), 0, 2)
+    assert lq.on(H100).kernels == lq.on(CPU).kernels + 1
