@@ -3,6 +3,7 @@
     python benchmarks/cuda_trace.py              # 2 SmolLM2-structured layers (tiny widths)
     python benchmarks/cuda_trace.py --layers 4 --json
     python benchmarks/cuda_trace.py --mixed      # layer 0: one linear per rewritten family
+    python benchmarks/cuda_trace.py --prefill 600  # a 600-token prefill instead of a decode step
 
 On a machine without CUDA the operators take their CPU branch, so a CPU compile never shows the
 graph a GPU would get. This script makes the operators take their CUDA branch on CPU tensors
@@ -146,10 +147,11 @@ def _inspect(report: list):
     return compiler
 
 
-def trace(layers: int = 2, mixed: bool = False) -> dict:
+def trace(layers: int = 2, mixed: bool = False, prefill: int = 0) -> dict:
     """Compile one decode step of an int4 g32 Llama (SmolLM2's structure at tiny widths) on the
     operators' CUDA branch; returns graph breaks, the fusion report and each graph's record.
-    ``mixed``: layer 0's seven linears each rewritten by another family (:func:`_mixed_plan`)."""
+    ``mixed``: layer 0's seven linears each rewritten by another family (:func:`_mixed_plan`).
+    ``prefill``: compile a prompt of that many tokens instead of a decode step."""
     from torch._dynamo.backends.registry import register_backend
     from torch._dynamo.utils import counters
     from torch._functorch.aot_autograd import aot_module_simplified
@@ -172,9 +174,13 @@ def trace(layers: int = 2, mixed: bool = False) -> dict:
         model = passes.apply(dense, _mixed_plan(dense), calibration=batches, progress=False)
     else:
         model = passes.apply(dense, passes.Plan({n: IntNConfig(4, 32) for n in names}), progress=False)
-    cache = StaticCache(config=cfg, max_cache_len=32)
-    with torch.no_grad():
-        model(input_ids=torch.arange(1, 5)[None], past_key_values=cache, cache_position=torch.arange(4), use_cache=True)
+    cache = StaticCache(config=cfg, max_cache_len=max(32, prefill + 1))
+    if prefill:
+        step_args = {"input_ids": torch.arange(prefill)[None] % TINY["vocab_size"], "cache_position": torch.arange(prefill)}
+    else:  # a 4-token prompt eagerly, then the decode step compiled
+        with torch.no_grad():
+            model(input_ids=torch.arange(1, 5)[None], past_key_values=cache, cache_position=torch.arange(4), use_cache=True)
+        step_args = {"input_ids": torch.tensor([[5]]), "cache_position": torch.tensor([4])}
 
     graphs, fusion = [], []
     real_fuse = codegen.fusion.fuse_epilogues
@@ -189,14 +195,14 @@ def trace(layers: int = 2, mixed: bool = False) -> dict:
     try:
         step = torch.compile(model, backend="decomp")
         with torch.no_grad(), dispatch.force_kernels():
-            step(input_ids=torch.tensor([[5]]), past_key_values=cache, cache_position=torch.tensor([4]), use_cache=True)
+            step(**step_args, past_key_values=cache, use_cache=True)
     finally:
         codegen.ops._on_gpu, driver._active, passes.backend._inductor, codegen.fusion.fuse_epilogues = saved
         torch._dynamo.reset()
     from codegen import analysis_cache
 
     analyses = analysis_cache.stats()
-    return {"layers": layers, "mixed": mixed, "graph_breaks": sum(counters["graph_break"].values()), "fusion": fusion, "graphs": graphs,
+    return {"layers": layers, "mixed": mixed, "prefill": prefill, "graph_breaks": sum(counters["graph_break"].values()), "fusion": fusion, "graphs": graphs,
             "kernel_analyses": analyses["misses"], "kernel_analyses_memoized": analyses["hits"]}  # fmt: skip
 
 
@@ -205,12 +211,14 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print the record as JSON")
     parser.add_argument("--mixed", action="store_true", help="layer 0's linears each of another family (every kernel)")
+    parser.add_argument("--prefill", type=int, default=0, help="trace a prompt of this many tokens instead of a decode step")
     args = parser.parse_args(argv)
-    result = trace(args.layers, args.mixed)
+    result = trace(args.layers, args.mixed, args.prefill)
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"decode step of a {args.layers}-layer int4 g32 Llama, operators on their CUDA branch (traced on CPU)")
+    what = f"{args.prefill}-token prefill" if args.prefill else "decode step"
+    print(f"{what} of a {args.layers}-layer int4 g32 Llama, operators on their CUDA branch (traced on CPU)")
     print(f"graph breaks: {result['graph_breaks']}; graphs: {len(result['graphs'])}")
     for line in result["fusion"]:
         print(f"fusion: {line}")

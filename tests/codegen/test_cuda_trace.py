@@ -60,3 +60,22 @@ def test_every_rewritten_family_compiles_into_one_cuda_graph_friendly_graph():
     written = {"out_ptr", "out0_ptr", "out1_ptr", "out2_ptr", "q_ptr", "sx_ptr", "xo_ptr"}  # outputs; LLM.int8()'s q, s_x, x_o
     assert set(graph["cloned"]) <= written, graph["cloned"]
     assert len(graph["non_static_inputs"]) == 1, graph["non_static_inputs"]
+
+
+def test_long_prefill_decodes_each_weight_once_then_multiplies():
+    """A prompt past DEQUANT_FIRST_M tokens: each int4 linear is one weight-decoding kernel and a
+    matmul (no GEMM kernel re-decoding tiles per row block), in one graph with no break."""
+    pytest.importorskip("triton")
+    from codegen.kernels.dequant import DEQUANT_FIRST_M
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--json", "--prefill", str(DEQUANT_FIRST_M + 8)],
+        check=False, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads(run.stdout.strip().splitlines()[-1])
+    assert record["graph_breaks"] == 0 and len(record["graphs"]) == 1, record
+    graph = record["graphs"][0]
+    assert graph["kernel_names"] == {"_dequant_weight_kernel": 7 * record["layers"]}, graph["kernel_names"]
+    assert graph["cloned"] == ["w_ptr"], graph["cloned"]  # the decoded weight, allocated in the op
