@@ -231,26 +231,6 @@ def _gemv_rows(x_ptr, codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask,
                 part += ((u ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0) * xk[None, :]
             else:
                 part += q.to(tl.float32) * xk[None, :]
-        elif BITS == 4 and KIND == 0 and MAGIC == 2 and not ACC3:
-            # nibble planes: each (row, group)'s GROUP/2 bytes as loaded; the low nibble of byte j is
-            # column 2j, the high nibble column 2j+1, which is 16·q in the magic float, so its x is
-            # taken /16 (exact). One LOP3 per nibble into 2^23's mantissa, no shift, no interleave.
-            offs_g = tl.arange(0, BK // GROUP)
-            offs_j = tl.arange(0, GROUP // 2)
-            byte = (k0 // 2) + offs_g[:, None] * (GROUP // 2) + offs_j[None, :]
-            b = tl.load(codes_ptr + offs_n[:, None, None] * row_bytes + byte[None, :, :],
-                        mask=n_mask[:, None, None] & (byte < row_bytes)[None, :, :], other=0,
-                        eviction_policy="evict_first").to(tl.int32)
-            col = k0 + offs_g[:, None, None] * GROUP + 2 * offs_j[None, :, None] + tl.arange(0, 2)[None, None, :]
-            xp = tl.load(x_ptr + m * stride_xm + col, mask=col < K, other=0.0)
-            if NORM:
-                xp = _rms_x(xp, nw_ptr, col, col < K, rstd)
-            xe, xo = tl.split(xp.to(tl.float32))
-            lo = ((b & 0x0F) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            hi = ((b & 0xF0) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            dot = tl.sum(lo * xe[None, :, :] + hi * (xo * 0.0625)[None, :, :], axis=2)
-            s, mn = _group_constants(c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0, n_groups, KIND, GROUP, DQ, BK)
-            part += dot * s.to(tl.float32) + mn.to(tl.float32) * tl.sum(xe + xo, axis=1)[None, :]
         else:
             # x as (groups, columns), the shape the products broadcast it to
             offs_k3 = k0 + tl.arange(0, BK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
@@ -437,29 +417,28 @@ def ${KERNEL}("""
 #: - ``MAGIC``: codes to fp32 through :func:`_code_values` (two full-rate instructions) instead of
 #:   a conversion.
 #:
-#: - Larger tiles per iteration (the last three): bytes in flight. A 4096-row weight with BN = 8 is
+#: - Larger tiles per iteration (``BK`` 1024–2048): bytes in flight. A 4096-row weight with BN = 8 is
 #:   512 programs, ~4 per SM on an H100, each with one 2 KB load of codes outstanding: ~8 KB in
 #:   flight per SM where ~18 KB (HBM3's ~3.3 TB/s × ~0.7 µs latency / 132 SMs) would be needed to
 #:   stream at full speed — consistent with the ~1.2 TB/s measured. 4–8 KB per iteration, 72–79
 #:   registers a thread and no spills (sm_90, ``kernels_aot.py``; 60 for the default).
 #:
-#: - The per-code cost, from the SASS (``kernels_aot.py``): the default int4 loop is 221 instructions a
-#:   thread for 32 codes, 32 of them ``I2FP`` conversions, which sm_90 runs at 16 a clock per SM
-#:   (an eighth of the FMA rate): ~4.5 µs of conversion throughput alone at 4096 × 4096. int8 has the
-#:   same 32 conversions per 32 codes in a 143-instruction loop and took the same 8.8 µs with twice
-#:   the bytes (run 5) — what a conversion-bound loop would do. The last two configs are ``MAGIC``
-#:   without loop pipelining (no ``I2F``: 253 instructions, all full rate), and int8 takes ``MAGIC``
-#:   too, so the next run tests that reading directly. ``MAGIC = 2`` (int4 asymmetric; others read
-#:   it as ``MAGIC``): nibble planes — each (row, group)'s bytes as loaded, the low nibble against
-#:   x's even columns, the high one (``b & 0xF0``: 16·q in the magic float) against the odd columns
-#:   /16, one LOP3 per nibble, no shift or interleave — 232 instructions and 6 barriers a loop
-#:   instead of 253 and 10.
+#: - The per-code cost, from the SASS (``kernels_aot.py``): the plain int4 loop is 221 instructions a
+#:   thread for 32 codes, 32 of them ``I2FP`` conversions (an eighth of the FMA rate on sm_90);
+#:   ``MAGIC`` removes them (all full-rate instructions).
 #:
-#: The first five were measured on the H100 (runs 4–5); the others not yet.
+#: Run 7 (H100, every config alone at 4096², cold weights): the plain wide tiles win for int4
+#: (``BN8 BK1024 LS1`` 8.1 µs, ``BN8 BK2048 LS1 w8`` 8.2, ``BN4 BK1024 LS1`` 8.5; the pipelined
+#: ``BN8 BK512 LS3`` 8.8), and none of the stall-removing variants helps (prefetch 9.0, ``MAGIC``
+#: 8.6–10.1, ``ACC3`` 9.2–9.5); int8, twice the bytes for the same codes, runs in the same
+#: 8.5–8.9 µs at 1.9 TB/s — the loop is bound by work per code at this occupancy, not by its bytes
+#: or one stall. Dropped after it, as the slowest for both formats: ``BN16 BK256 LS1`` (15.6 /
+#: 23.1 µs), ``BN8 BK512 LS1 MAGIC`` (10.1 / 12.8) and the nibble-plane int4 loop (12.6). The
+#: first config (the untuned default) is the fastest int4 one.
 GEMV_CONFIGS = (
+    {"BN": 8, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 1},
     {"BN": 8, "BK": 512, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 1},
     {"BN": 4, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 1},
-    {"BN": 16, "BK": 256, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 1},
     {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 3},
     {"BN": 8, "BK": 256, "LS": 4, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 4},
     {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": True, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 3},
@@ -469,12 +448,9 @@ GEMV_CONFIGS = (
     {"BN": 4, "BK": 1024, "LS": 3, "PREFETCH": True, "ACC3": False, "MAGIC": True, "num_warps": 4, "num_stages": 3},
     {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": True, "ACC3": True, "MAGIC": True, "num_warps": 4, "num_stages": 3},
     {"BN": 16, "BK": 256, "LS": 3, "PREFETCH": True, "ACC3": True, "MAGIC": True, "num_warps": 4, "num_stages": 3},
-    {"BN": 8, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 1},
     {"BN": 8, "BK": 2048, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 8, "num_stages": 1},
     {"BN": 16, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": True, "num_warps": 8, "num_stages": 1},
-    {"BN": 8, "BK": 512, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": True, "num_warps": 4, "num_stages": 1},
     {"BN": 4, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": True, "num_warps": 4, "num_stages": 1},
-    {"BN": 8, "BK": 512, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": 2, "num_warps": 4, "num_stages": 1},
 )
 
 #: GEMM tuning space: tensor-core tiles up to 128×128 (BK = 128 or 256, multiples of every group
