@@ -311,7 +311,8 @@ class GPTQTransform(Transform):
             decoded = config.storage.decode(_encode(w, factor, config, memo), inn, torch.float32)
             error = perturbation_error(site, stats, w.cpu(), w.sub(decoded).cpu())
             if math.isfinite(error):  # fp16 constants overflow past 65504: not an option then
-                cost = sum((quantized_matmul_cost(u.rows, inn, out, nbytes, size) for u in site.uses), MatmulCost(0, 0, 0))
+                costs = (quantized_matmul_cost(u.rows, inn, out, nbytes, size, config.storage) for u in site.uses)
+                cost = sum(costs, MatmulCost(0, 0, 0))
                 result.append(Candidate(config, nbytes, error, cost))
         return result
 

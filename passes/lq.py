@@ -458,7 +458,7 @@ class LQTransform(Transform):
 
     @staticmethod
     def _cost(site: WeightSite, config: LQConfig, nbytes: int, size: int) -> MatmulCost:
-        from codegen.kernels.dequant import DEQUANT_FIRST_M
+        from codegen.kernels.dequant import DEQUANT_FIRST_M, GEMV_MAX_M, QuantFormat, gemv_relative_rate
 
         out, inn = site.matrix_shape
         r = config.rank
@@ -476,7 +476,10 @@ class LQTransform(Transform):
                 )
                 # decomp::quant_linear with the low-rank term (GPU): one launch, (x·L2ᵀ) on chip; from
                 # DEQUANT_FIRST_M rows, Q decoded once (written and read back dense), then the torch matmuls
-                if use.rows < DEQUANT_FIRST_M:
+                if use.rows <= GEMV_MAX_M:  # Q's codes stream at its GEMV's measured rate (quantized_matmul_cost)
+                    q_read = round(q_bytes / gemv_relative_rate(QuantFormat.of(config.storage())))
+                    fused = MatmulCost(parts.flops, q_read + r * (inn + out) * size + use.rows * (inn + out) * size, 1)
+                elif use.rows < DEQUANT_FIRST_M:
                     fused = MatmulCost(parts.flops, q_bytes + r * (inn + out) * size + use.rows * (inn + out) * size, 1)
                 else:
                     fused = MatmulCost(parts.flops, parts.bytes + 2 * out * inn * size, parts.kernels + 1)

@@ -48,17 +48,23 @@ Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 Buffers = dict[str, torch.Tensor]
 
 
-def quantized_matmul_cost(rows: int, inn: int, out: int, nbytes: int, size: int) -> MatmulCost:
+def quantized_matmul_cost(rows: int, inn: int, out: int, nbytes: int, size: int, config=None) -> MatmulCost:
     """A quantized linear over ``rows`` activation rows: the stored ``nbytes`` read once by the
-    dequantizing matmul. On a GPU (``decomp::quant_linear``), from ``DEQUANT_FIRST_M`` rows the
-    weight is decoded once to a dense matrix (written and read back: ``2·out·inn·size`` more bytes,
-    one more launch) and multiplied densely."""
-    from codegen.kernels.dequant import DEQUANT_FIRST_M
+    dequantizing matmul. On a GPU (``decomp::quant_linear``): at decode rows (the GEMV) the bytes
+    stream at the rate measured for ``config``'s format relative to a dense matmul
+    (``codegen.kernels.dequant.GEMV_RELATIVE_RATE``); from ``DEQUANT_FIRST_M`` rows the weight is
+    decoded once to a dense matrix (written and read back: ``2·out·inn·size`` more bytes, one more
+    launch) and multiplied densely."""
+    from codegen.kernels.dequant import DEQUANT_FIRST_M, GEMV_MAX_M, QuantFormat, gemv_relative_rate
 
     plain = matmul_cost(rows, inn, out, nbytes, size)
-    if rows < DEQUANT_FIRST_M:
+    if rows >= DEQUANT_FIRST_M:
+        fused = MatmulCost(plain.flops, plain.bytes + 2 * out * inn * size, 2)
+    elif rows <= GEMV_MAX_M and config is not None:
+        fused = MatmulCost(plain.flops, plain.bytes - nbytes + round(nbytes / gemv_relative_rate(QuantFormat.of(config))), 1)
+    else:
         return plain
-    return MatmulCost(plain.flops, plain.bytes, plain.kernels, MatmulCost(plain.flops, plain.bytes + 2 * out * inn * size, 2))
+    return MatmulCost(plain.flops, plain.bytes, plain.kernels, fused)
 
 
 def _check_choice(cls: str, field: str, value, valid: tuple) -> None:

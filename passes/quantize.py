@@ -146,7 +146,7 @@ class QuantizeTransform(Transform):
                 continue
             error = price(config.roundtrip(w).neg_().add_(w))  # Δ = W − W', in the temporary's memory
             if math.isfinite(error):  # fp16 constants overflow past 65504: not an option then
-                result.append(Candidate(config, nbytes, error, self._cost(site, nbytes, size)))
+                result.append(Candidate(config, nbytes, error, self._cost(site, nbytes, size, config)))
         outlier = outlier_candidate(site, model, stats)  # LLM.int8(): calibrated linear sites with outliers
         return result + ([outlier] if outlier is not None else [])
 
@@ -161,14 +161,14 @@ class QuantizeTransform(Transform):
         return True
 
     @staticmethod
-    def _cost(site: WeightSite, nbytes: int, size: int) -> MatmulCost:
+    def _cost(site: WeightSite, nbytes: int, size: int, config: QuantConfig) -> MatmulCost:
         out, inn = site.matrix_shape
         total = MatmulCost(0, 0, 0)
         for use in site.uses:
             if use.kind is UseKind.EMBEDDING:  # read each looked-up row's stored bytes, write it dense
                 total = total + MatmulCost(0, use.rows * (-(-nbytes // out) + inn * size), 1)
             else:  # dequantization fused into the matmul: it reads the stored bytes once
-                total = total + quantized_matmul_cost(use.rows, inn, out, nbytes, size)
+                total = total + quantized_matmul_cost(use.rows, inn, out, nbytes, size, config)
         return total
 
     def rewrite(self, model: nn.Module, site: WeightSite, config: TransformConfig, ws: Workspace) -> None:

@@ -77,6 +77,7 @@ __all__ = [
     "GEMM_CONFIGS",
     "GEMV_CONFIGS",
     "GEMV_MAX_M",
+    "GEMV_RELATIVE_RATE",
     "MAX_RANK",
     "NF4_VALUES",
     "QuantFormat",
@@ -86,6 +87,7 @@ __all__ = [
     "gemm_kernel",
     "gemv_group_kernel",
     "gemv_kernel",
+    "gemv_relative_rate",
     "quant_linear",
     "quant_linear_group",
     "quant_linear_group_ref",
@@ -185,6 +187,29 @@ class QuantFormat:
         if self.dq:
             return tuple(f"{n}_{part}" for n in names for part in ("codes", "blocks"))
         return names
+
+
+#: The tuned GEMV's HBM rate relative to fp16 ``F.linear``'s at 1 × 4096 → 4096 on an H100 (both
+#: replayed from CUDA graphs with cold weights; the GB/s columns of
+#: ``benchmarks/results/kernels_h100_run5.txt`` and, for int4 g32, ``run7``: e.g. 1166 GB/s of
+#: packed bytes against 2110 GB/s of fp16 weight). The cost model divides a quantized layer's decode
+#: bytes by it on GPU profiles (int3 g64 at 0.19: slower than fp16 despite 4.6× fewer bytes, as
+#: measured). :func:`gemv_relative_rate` for the formats without a measurement.
+GEMV_RELATIVE_RATE = {"int8": 0.90, "int4g32": 0.55, "int4g128": 0.46, "int3g64": 0.19, "nf4g64": 0.42}
+
+
+def gemv_relative_rate(fmt: QuantFormat) -> float:
+    """:data:`GEMV_RELATIVE_RATE` of ``fmt``'s codes and group size (double quantization aside);
+    unmeasured: the lowest measured rate of the same code width and kind, else the lowest of all."""
+    base = fmt.spec.removesuffix("dq")
+    if base in GEMV_RELATIVE_RATE:
+        return GEMV_RELATIVE_RATE[base]
+    same = [
+        v
+        for k, v in GEMV_RELATIVE_RATE.items()
+        if QuantFormat.parse(k).kind == fmt.kind and QuantFormat.parse(k).bits == fmt.bits
+    ]
+    return min(same or GEMV_RELATIVE_RATE.values())
 
 
 _KEY = ("M_CLASS", "N", "K", "R")
