@@ -190,12 +190,13 @@ class QuantFormat:
 
 
 #: The tuned GEMV's HBM rate relative to fp16 ``F.linear``'s at 1 × 4096 → 4096 on an H100 (both
-#: replayed from CUDA graphs with cold weights; the GB/s columns of
-#: ``benchmarks/results/kernels_h100_run5.txt`` and, for int4 g32, ``run7``: e.g. 1166 GB/s of
-#: packed bytes against 2110 GB/s of fp16 weight). The cost model divides a quantized layer's decode
-#: bytes by it on GPU profiles (int3 g64 at 0.19: slower than fp16 despite 4.6× fewer bytes, as
-#: measured). :func:`gemv_relative_rate` for the formats without a measurement.
-GEMV_RELATIVE_RATE = {"int8": 0.90, "int4g32": 0.55, "int4g128": 0.46, "int3g64": 0.19, "nf4g64": 0.42}
+#: replayed from CUDA graphs with cold weights): the speedup over fp16 divided by the byte ratio, in
+#: the latest of ``benchmarks/results/kernels_h100_run*.txt`` that measured each format (int4 g32:
+#: run 7, 1.77× / 3.20; int4 g128: run 6; the others run 5 — int3 g64 with run 5's tuning space,
+#: which run 4's tiles beat: 0.30 then). The cost model divides a quantized layer's decode bytes by
+#: it on GPU profiles (int3 g64 at 0.19: slower than fp16 despite 4.6× fewer bytes, as measured).
+#: A test reads these off the result files. :func:`gemv_relative_rate` for unmeasured formats.
+GEMV_RELATIVE_RATE = {"int8": 0.90, "int4g32": 0.55, "int4g128": 0.45, "int3g64": 0.19, "nf4g64": 0.42}
 
 
 def gemv_relative_rate(fmt: QuantFormat) -> float:

@@ -116,3 +116,28 @@ def test_quantized_decode_on_a_gpu_streams_at_each_formats_measured_rate():
     assert gpu["int8"] < gpu["dense"] < gpu["int3"], gpu
     assert roofline_seconds(int3, CPU) < roofline_seconds(dense, CPU)
     assert quantized_matmul_cost(1, 4096, 4096, 10**6, 2).fused is None  # no format given: bytes alone
+
+
+def test_gemv_relative_rates_are_the_measured_ones():
+    """``GEMV_RELATIVE_RATE`` is read off the raw GPU outputs kept in ``benchmarks/results``: per
+    format, the latest run's 1 × 4096 → 4096 GEMV speedup over fp16 divided by its byte ratio."""
+    from pathlib import Path
+
+    from codegen.kernels.dequant import GEMV_RELATIVE_RATE
+
+    measured = {}
+    runs = sorted(Path(__file__).resolve().parents[2].glob("benchmarks/results/kernels_h100_run*.txt"), key=lambda p: int(p.stem.rsplit("run", 1)[1]))
+    for path in runs:  # later runs overwrite earlier ones
+        columns = None
+        for line in path.read_text().splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if cells[:2] == ["out × in", "format"]:
+                columns = {name: i for i, name in enumerate(cells)}
+            elif not line.startswith("|"):
+                columns = None
+            elif columns and "weight bytes fp16/packed" in columns and cells[0] == "4096 × 4096":
+                speedup = float(cells[columns["speedup"]].rstrip("×"))
+                measured[cells[1]] = speedup / float(cells[columns["weight bytes fp16/packed"]].rstrip("×"))
+    assert set(GEMV_RELATIVE_RATE) <= set(measured), measured
+    for fmt, rate in GEMV_RELATIVE_RATE.items():
+        assert abs(rate - measured[fmt]) <= 0.01, (fmt, rate, measured[fmt])
