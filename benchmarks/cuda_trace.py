@@ -37,11 +37,10 @@ from pathlib import Path
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("cuda_trace.py traces compiled (not interpreted) kernels: run it with TRITON_INTERPRET unset")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # kernel_bench
 
 import torch
-
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
-        "vocab_size": 256, "max_position_embeddings": 64}  # fmt: skip
+from kernel_bench.mixed import TINY, mixed_plan
 
 
 class _Sm90:
@@ -87,30 +86,6 @@ def _kernel_name(node: torch.fx.Node) -> str:
     return getattr(kernel, "__name__", type(kernel).__name__)
 
 
-def _mixed_plan(model):
-    """One rewritten family per linear of layer 0 (low-rank, LQ, Monarch, block-diagonal, Kronecker,
-    LLM.int8(), int4), int4 g32 on the other layers: every kernel's CUDA branch in one graph."""
-    from passes import Plan
-    from passes.blockdiag import BlockDiagConfig
-    from passes.int8_outlier import Int8OutlierConfig
-    from passes.kronecker import KroneckerConfig
-    from passes.lowrank import LowRankConfig
-    from passes.lq import LQConfig
-    from passes.monarch import MonarchConfig
-    from passes.quant_storage import IntNConfig
-
-    first = {"self_attn.q_proj": LowRankConfig(8, activation_aware=False), "self_attn.k_proj": LQConfig(8, 4, 32, activation_aware=False),
-             "self_attn.v_proj": MonarchConfig(4, activation_aware=False), "self_attn.o_proj": BlockDiagConfig(2, activation_aware=False),
-             "mlp.gate_proj": KroneckerConfig(8, 8, 1, activation_aware=False), "mlp.up_proj": Int8OutlierConfig(threshold=2.5),
-             "mlp.down_proj": IntNConfig(4, 32)}  # fmt: skip
-    plan = {}
-    for name, p in model.named_parameters():
-        if p.dim() == 2 and ".layers." in name:
-            layer, linear = name.split(".layers.")[1].split(".", 1)
-            plan[name] = first[linear.removesuffix(".weight")] if layer == "0" else IntNConfig(4, 32)
-    return Plan(plan)
-
-
 def _inspect(report: list):
     """An AOT forward compiler recording what inductor would receive; the graph returns zeros."""
 
@@ -150,7 +125,7 @@ def _inspect(report: list):
 def trace(layers: int = 2, mixed: bool = False, prefill: int = 0) -> dict:
     """Compile one decode step of an int4 g32 Llama (SmolLM2's structure at tiny widths) on the
     operators' CUDA branch; returns graph breaks, the fusion report and each graph's record.
-    ``mixed``: layer 0's seven linears each rewritten by another family (:func:`_mixed_plan`).
+    ``mixed``: layer 0's seven linears each rewritten by another family (:func:`kernel_bench.mixed.mixed_plan`).
     ``prefill``: compile a prompt of that many tokens instead of a decode step."""
     from torch._dynamo.backends.registry import register_backend
     from torch._dynamo.utils import counters
@@ -171,7 +146,7 @@ def trace(layers: int = 2, mixed: bool = False, prefill: int = 0) -> dict:
     names = [n for n, p in dense.named_parameters() if p.dim() == 2 and ".layers." in n]
     if mixed:  # LLM.int8() finds its outlier columns on calibration data
         batches = [(torch.randint(0, TINY["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(i)),) for i in range(2)]
-        model = passes.apply(dense, _mixed_plan(dense), calibration=batches, progress=False)
+        model = passes.apply(dense, mixed_plan(dense), calibration=batches, progress=False)
     else:
         model = passes.apply(dense, passes.Plan({n: IntNConfig(4, 32) for n in names}), progress=False)
     cache = StaticCache(config=cfg, max_cache_len=max(32, prefill + 1))

@@ -92,9 +92,19 @@ def _ops():
     return torch.ops.decomp
 
 
+def _call(name: str, x: torch.Tensor, *args):
+    """``torch.ops.decomp.<name>(x, *args)``; for an eager call on a real CUDA tensor, the operator's
+    CUDA branch (``codegen.ops.<name>_cuda``) directly, without the dispatcher's per-call cost."""
+    if _direct(x):
+        import codegen.ops
+
+        return getattr(codegen.ops, f"{name}_cuda")(x, *args)
+    return getattr(_ops(), name)(x, *args)
+
+
 def lowrank_linear(x, down, up, bias=None, epilogue: str = "", aux=()) -> torch.Tensor:
     """``decomp::lowrank_linear``: ``epilogue((x·downᵀ)·upᵀ + bias)``."""
-    return _ops().lowrank_linear(x, down, up, bias, epilogue, list(aux))
+    return _call("lowrank_linear", x, down, up, bias, epilogue, list(aux))
 
 
 def quant_linear(x, packed, bias=None, down=None, up=None, epilogue: str = "", aux=()) -> torch.Tensor:
@@ -108,12 +118,7 @@ def quant_linear(x, packed, bias=None, down=None, up=None, epilogue: str = "", a
     spec, names, cols = packed.kernel_args
     buffers = packed._buffers  # one dict lookup per tensor, not nn.Module.__getattr__'s three
     codes, constants = buffers["codes"], [buffers[n] for n in names]
-    if _direct(x):  # eager CUDA: the op's own body, without the dispatcher's per-call cost
-        from codegen.kernels import dequant
-
-        if dequant.supports(down):
-            return dequant.quant_linear(x, codes, constants, spec, cols, bias, down, up, epilogue, aux)
-    return _ops().quant_linear(x, codes, constants, spec, cols, bias, down, up, epilogue, list(aux))
+    return _call("quant_linear", x, codes, constants, spec, cols, bias, down, up, epilogue, list(aux))
 
 
 def quant_linear_group(
@@ -131,12 +136,8 @@ def quant_linear_group(
     spec, names, cols = packed[0].kernel_args
     codes = [p._buffers["codes"] for p in packed]
     constants = [[p._buffers[n] for n in names] for p in packed]
-    if _direct(x):
-        from codegen.kernels import dequant
-
-        return dequant.quant_linear_group(x, codes, constants, spec, cols, pair, epilogue, aux, norm_weight, eps, biases)
     flat = [c for per in constants for c in per]
-    return _ops().quant_linear_group(x, codes, flat, spec, cols, pair, epilogue, list(aux), norm_weight, eps, list(biases))
+    return _call("quant_linear_group", x, codes, flat, spec, cols, pair, epilogue, list(aux), norm_weight, eps, list(biases))
 
 
 def kernel_args(config, in_features: int) -> tuple[str, tuple[str, ...], int]:
@@ -154,23 +155,24 @@ def blockdiag_linear(
 ) -> torch.Tensor:
     """``decomp::blockdiag_linear``: ``epilogue(blockdiag(x) + bias)`` with the input permutation
     ``in_index`` and the output positions ``out_pos`` (``in_index``/``out_index`` inverted) fused."""
-    return _ops().blockdiag_linear(x, blocks, out_features, in_index, out_pos, bias, epilogue, list(aux))
+    return _call("blockdiag_linear", x, blocks, out_features, in_index, out_pos, bias, epilogue, list(aux))
 
 
 def int8_outlier_linear(x, packed, bias=None, epilogue: str = "", aux=()) -> torch.Tensor:
     """``decomp::int8_outlier_linear`` over an ``Int8OutlierWeight``'s buffers: LLM.int8()'s per-token
     int8 product plus the fp16 outlier columns, ``epilogue(... + bias)``."""
     b = packed._buffers
-    return _ops().int8_outlier_linear(
-        x, b["codes"], b["scale"], b["input_index"], b["outlier_columns"], b["outlier_weight"], bias, epilogue, list(aux)
-    )
+    return _call(
+        "int8_outlier_linear", x, b["codes"], b["scale"], b["input_index"], b["outlier_columns"], b["outlier_weight"], bias,
+        epilogue, list(aux),
+    )  # fmt: skip
 
 
 def kronecker_linear(x, A, B, out_features: int, bias=None, epilogue: str = "", aux=()) -> torch.Tensor:
     """``decomp::kronecker_linear``: ``epilogue(Σ_t (A_t ⊗ B_t)·x + bias)``."""
-    return _ops().kronecker_linear(x, A, B, out_features, bias, epilogue, list(aux))
+    return _call("kronecker_linear", x, A, B, out_features, bias, epilogue, list(aux))
 
 
 def monarch_linear(x, L, R, out_features: int, bias=None, epilogue: str = "", aux=()) -> torch.Tensor:
     """``decomp::monarch_linear``: ``epilogue(monarch(x) + bias)``."""
-    return _ops().monarch_linear(x, L, R, out_features, bias, epilogue, list(aux))
+    return _call("monarch_linear", x, L, R, out_features, bias, epilogue, list(aux))

@@ -17,6 +17,10 @@ implementations come from the bodies themselves (``triton_op`` traces them with 
 | ``decomp::kronecker_linear(x, A, B, out_features, bias, epilogue, aux)`` | ``ep(Σ_t (A_t ⊗ B_t)·x + b)`` | ``KroneckerLinear`` |
 | ``decomp::int8_outlier_linear(x, codes, scale, input_index, outlier_columns, outlier_weight, bias, epilogue, aux)`` | ``ep(int8(x)·codesᵀ·s + x_o·W_oᵀ + b)`` (LLM.int8()) | ``Int8OutlierLinear`` |
 
+Each operator's CUDA branch is a plain function, ``<op>_cuda(..., wrap=None)``: the operator calls
+it with ``wrap_triton`` (traced), and ``codegen.dispatch`` calls it directly for an eager call on
+a real CUDA tensor, without the operator dispatcher's per-call cost (~20 µs of Python a call).
+
 Importing it also memoizes torch.compile's per-call analysis of what each of our kernels writes
 (:mod:`codegen.analysis_cache`).
 
@@ -86,11 +90,16 @@ def _(x, down, up, bias, epilogue, aux):
 @triton_op("decomp::lowrank_linear", mutates_args=())
 def lowrank_linear(x: Tensor, down: Tensor, up: Tensor, bias: Tensor | None, epilogue: str, aux: list[Tensor]) -> Tensor:
     """``epilogue((x·downᵀ)·upᵀ + bias)``; see :func:`codegen.kernels.lowrank.lowrank_linear`."""
-    if _on_gpu(x) and _lowrank.supports(x, down):
-        return _lowrank.lowrank_linear(x, down, up, bias, epilogue, aux, wrap=wrap_triton)
     if _on_gpu(x):
-        return _lowrank.lowrank_linear_ref(x, down, up, bias, epilogue, aux)
+        return lowrank_linear_cuda(x, down, up, bias, epilogue, aux, wrap=wrap_triton)
     return torch.ops.decomp.lowrank_linear_host(x, down, up, bias, epilogue, aux)
+
+
+def lowrank_linear_cuda(x, down, up, bias, epilogue, aux, wrap=None):
+    """The CUDA branch: the fused kernel, or two matmuls for a rank past its on-chip limit."""
+    if _lowrank.supports(x, down):
+        return _lowrank.lowrank_linear(x, down, up, bias, epilogue, aux, wrap=wrap)
+    return _lowrank.lowrank_linear_ref(x, down, up, bias, epilogue, aux)
 
 
 # ---- dequantize + matmul (+ low-rank) ---------------------------------------------------------
@@ -133,11 +142,16 @@ def quant_linear(
     aux: list[Tensor],
 ) -> Tensor:
     """``epilogue(x·deq(W)ᵀ [+ (x·downᵀ)·upᵀ] + bias)``; see :func:`codegen.kernels.dequant.quant_linear`."""
-    if _on_gpu(x) and _dequant.supports(down):
-        return _dequant.quant_linear(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux, wrap=wrap_triton)
     if _on_gpu(x):
-        return _dequant.quant_linear_ref(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux)
+        return quant_linear_cuda(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux, wrap=wrap_triton)
     return torch.ops.decomp.quant_linear_host(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux)
+
+
+def quant_linear_cuda(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux, wrap=None):
+    """The CUDA branch: the dequantizing kernels, or the reference for a low-rank term past their limit."""
+    if _dequant.supports(down):
+        return _dequant.quant_linear(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux, wrap=wrap)
+    return _dequant.quant_linear_ref(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux)
 
 
 def _per_weight(constants: list[Tensor], fmt: str, n: int) -> list[list[Tensor]]:
@@ -194,11 +208,14 @@ def quant_linear_group(
     given; ``constants`` is every weight's constant buffers, one weight after the other. See
     :func:`codegen.kernels.dequant.quant_linear_group`."""
     if _on_gpu(x):
-        per = _per_weight(constants, fmt, len(codes))
-        return _dequant.quant_linear_group(
-            x, codes, per, fmt, cols, pair, epilogue, aux, norm_weight, eps, biases, wrap=wrap_triton
-        )
+        return quant_linear_group_cuda(x, codes, constants, fmt, cols, pair, epilogue, aux, norm_weight, eps, biases, wrap_triton)
     return torch.ops.decomp.quant_linear_group_host(x, codes, constants, fmt, cols, pair, epilogue, aux, norm_weight, eps, biases)
+
+
+def quant_linear_group_cuda(x, codes, constants, fmt, cols, pair, epilogue, aux, norm_weight, eps, biases, wrap=None):
+    """The CUDA branch: the grouped GEMV (separate launches past decode rows)."""
+    per = _per_weight(constants, fmt, len(codes))
+    return _dequant.quant_linear_group(x, codes, per, fmt, cols, pair, epilogue, aux, norm_weight, eps, biases, wrap=wrap)
 
 
 # ---- Monarch --------------------------------------------------------------------------------
@@ -234,12 +251,17 @@ def monarch_linear(
     4096); other factors take the reference's two cuBLAS batched matmuls from
     :data:`MONARCH_KERNEL_MAX_ROWS` rows on.
     """
-    rows = x.numel() // max(1, x.shape[-1])
-    if _on_gpu(x) and (rows < MONARCH_KERNEL_MAX_ROWS or _monarch.blocked(R)):
-        return _monarch.monarch_linear(x, L, R, out_features, bias, epilogue, aux, wrap=wrap_triton)
     if _on_gpu(x):
-        return _monarch.monarch_linear_ref(x, L, R, out_features, bias, epilogue, aux)
+        return monarch_linear_cuda(x, L, R, out_features, bias, epilogue, aux, wrap=wrap_triton)
     return torch.ops.decomp.monarch_linear_host(x, L, R, out_features, bias, epilogue, aux)
+
+
+def monarch_linear_cuda(x, L, R, out_features, bias, epilogue, aux, wrap=None):
+    """The CUDA branch (see :func:`monarch_linear` for when the batched matmuls run instead)."""
+    rows = x.numel() // max(1, x.shape[-1])
+    if rows < MONARCH_KERNEL_MAX_ROWS or _monarch.blocked(R):
+        return _monarch.monarch_linear(x, L, R, out_features, bias, epilogue, aux, wrap=wrap)
+    return _monarch.monarch_linear_ref(x, L, R, out_features, bias, epilogue, aux)
 
 
 # ---- block-diagonal ---------------------------------------------------------------------------
@@ -267,11 +289,16 @@ def blockdiag_linear(
 ) -> Tensor:  # fmt: skip
     """``epilogue(blockdiag(x) + bias)``, permutations fused; see :func:`codegen.kernels.blockdiag.blockdiag_linear`
     (past :data:`~codegen.kernels.blockdiag.KERNEL_MAX_M` rows the torch path runs on CUDA too)."""
-    if _on_gpu(x) and _blockdiag.kernel_takes(x):
-        return _blockdiag.blockdiag_linear(x, blocks, out_features, in_index, out_pos, bias, epilogue, aux, wrap=wrap_triton)
     if _on_gpu(x):
-        return _blockdiag.blockdiag_linear_ref(x, blocks, out_features, in_index, out_pos, bias, epilogue, aux)
+        return blockdiag_linear_cuda(x, blocks, out_features, in_index, out_pos, bias, epilogue, aux, wrap=wrap_triton)
     return torch.ops.decomp.blockdiag_linear_host(x, blocks, out_features, in_index, out_pos, bias, epilogue, aux)
+
+
+def blockdiag_linear_cuda(x, blocks, out_features, in_index, out_pos, bias, epilogue, aux, wrap=None):
+    """The CUDA branch: the kernel up to ``KERNEL_MAX_M`` rows, the torch path beyond."""
+    if _blockdiag.kernel_takes(x):
+        return _blockdiag.blockdiag_linear(x, blocks, out_features, in_index, out_pos, bias, epilogue, aux, wrap=wrap)
+    return _blockdiag.blockdiag_linear_ref(x, blocks, out_features, in_index, out_pos, bias, epilogue, aux)
 
 
 # ---- Kronecker sums ----------------------------------------------------------------------------
@@ -297,11 +324,16 @@ def kronecker_linear(
 ) -> Tensor:
     """``epilogue(Σ_t (A_t ⊗ B_t)·x + bias)``; see :func:`codegen.kernels.kronecker.kronecker_linear`
     (factors whose input matrix exceeds its register tile take the reference on CUDA too)."""
-    if _on_gpu(x) and _kronecker.supports(A, B):
-        return _kronecker.kronecker_linear(x, A, B, out_features, bias, epilogue, aux, wrap=wrap_triton)
     if _on_gpu(x):
-        return _kronecker.kronecker_linear_ref(x, A, B, out_features, bias, epilogue, aux)
+        return kronecker_linear_cuda(x, A, B, out_features, bias, epilogue, aux, wrap=wrap_triton)
     return torch.ops.decomp.kronecker_linear_host(x, A, B, out_features, bias, epilogue, aux)
+
+
+def kronecker_linear_cuda(x, A, B, out_features, bias, epilogue, aux, wrap=None):
+    """The CUDA branch: the kernel for factors within its tile, the torch path otherwise."""
+    if _kronecker.supports(A, B):
+        return _kronecker.kronecker_linear(x, A, B, out_features, bias, epilogue, aux, wrap=wrap)
+    return _kronecker.kronecker_linear_ref(x, A, B, out_features, bias, epilogue, aux)
 
 
 # ---- LLM.int8() --------------------------------------------------------------------------------
@@ -331,8 +363,14 @@ def int8_outlier_linear(
     """``epilogue(LLM.int8(x) + bias)``; see :func:`codegen.kernels.int8_outlier.int8_outlier_linear`."""
     args = (x, codes, scale, input_index, outlier_columns, outlier_weight, bias, epilogue, aux)
     if _on_gpu(x):
-        return _int8_outlier.int8_outlier_linear(*args, wrap=wrap_triton)
+        return int8_outlier_linear_cuda(*args, wrap=wrap_triton)
     return torch.ops.decomp.int8_outlier_linear_host(*args)
+
+
+def int8_outlier_linear_cuda(x, codes, scale, input_index, outlier_columns, outlier_weight, bias, epilogue, aux, wrap=None):
+    """The CUDA branch: the quantization prologue and the int8 GEMM."""
+    args = (x, codes, scale, input_index, outlier_columns, outlier_weight, bias, epilogue, aux)
+    return _int8_outlier.int8_outlier_linear(*args, wrap=wrap)
 
 
 #: The operators the fusion pass emits (and an exporter would need translations for).
