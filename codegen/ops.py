@@ -4,7 +4,9 @@ Each operator is a ``triton_op``: on CUDA its body launches the Triton kernel th
 ``wrap_triton``, so ``torch.compile`` (dynamo + inductor) traces into it and schedules the
 kernel itself, and ``torch.export`` records it. On any other device the body calls a
 ``*_host`` twin, an opaque ``custom_op`` that runs the same kernel in Triton's interpreter when
-``TRITON_INTERPRET=1`` (the CPU tests) and the eager torch reference otherwise. Fake (meta)
+``TRITON_INTERPRET=1`` (the CPU tests; the CUDA branch itself where it depends only on the
+arguments, the kernel at every row count for Monarch and block-diagonal) and the eager torch
+reference otherwise. Fake (meta)
 implementations come from the bodies themselves (``triton_op`` traces them with fake tensors).
 
 | op | computes | module |
@@ -77,8 +79,8 @@ def _on_gpu(x: Tensor) -> bool:
 
 @torch.library.custom_op("decomp::lowrank_linear_host", mutates_args=())
 def _lowrank_host(x: Tensor, down: Tensor, up: Tensor, bias: Tensor | None, epilogue: str, aux: list[Tensor]) -> Tensor:
-    if interpreter_active() and _lowrank.supports(x, down):
-        return _lowrank.lowrank_linear(x, down, up, bias, epilogue, aux)
+    if interpreter_active():
+        return lowrank_linear_cuda(x, down, up, bias, epilogue, aux)
     return _lowrank.lowrank_linear_ref(x, down, up, bias, epilogue, aux)
 
 
@@ -118,8 +120,8 @@ def _quant_host(
     epilogue: str,
     aux: list[Tensor],
 ) -> Tensor:
-    if interpreter_active() and _dequant.supports(down):
-        return _dequant.quant_linear(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux)
+    if interpreter_active():
+        return quant_linear_cuda(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux)
     return _dequant.quant_linear_ref(x, codes, constants, fmt, cols, bias, down, up, epilogue, aux)
 
 
@@ -178,9 +180,9 @@ def _group_host(
     eps: float,
     biases: list[Tensor],
 ) -> list[Tensor]:
-    per = _per_weight(constants, fmt, len(codes))
     if interpreter_active():
-        return _dequant.quant_linear_group(x, codes, per, fmt, cols, pair, epilogue, aux, norm_weight, eps, biases)
+        return quant_linear_group_cuda(x, codes, constants, fmt, cols, pair, epilogue, aux, norm_weight, eps, biases)
+    per = _per_weight(constants, fmt, len(codes))
     return _dequant.quant_linear_group_ref(x, codes, per, fmt, cols, pair, epilogue, aux, norm_weight, eps, biases)
 
 
@@ -308,8 +310,8 @@ def blockdiag_linear_cuda(x, blocks, out_features, in_index, out_pos, bias, epil
 def _kronecker_host(
     x: Tensor, A: Tensor, B: Tensor, out_features: int, bias: Tensor | None, epilogue: str, aux: list[Tensor]
 ) -> Tensor:
-    if interpreter_active() and _kronecker.supports(A, B):
-        return _kronecker.kronecker_linear(x, A, B, out_features, bias, epilogue, aux)
+    if interpreter_active():
+        return kronecker_linear_cuda(x, A, B, out_features, bias, epilogue, aux)
     return _kronecker.kronecker_linear_ref(x, A, B, out_features, bias, epilogue, aux)
 
 
@@ -346,7 +348,7 @@ def _int8_outlier_host(
 ) -> Tensor:  # fmt: skip
     args = (x, codes, scale, input_index, outlier_columns, outlier_weight, bias, epilogue, aux)
     if interpreter_active():
-        return _int8_outlier.int8_outlier_linear(*args)
+        return int8_outlier_linear_cuda(*args)
     return _int8_outlier.int8_outlier_linear_ref(*args)
 
 
@@ -369,8 +371,9 @@ def int8_outlier_linear(
 
 def int8_outlier_linear_cuda(x, codes, scale, input_index, outlier_columns, outlier_weight, bias, epilogue, aux, wrap=None):
     """The CUDA branch: the quantization prologue and the int8 GEMM."""
-    args = (x, codes, scale, input_index, outlier_columns, outlier_weight, bias, epilogue, aux)
-    return _int8_outlier.int8_outlier_linear(*args, wrap=wrap)
+    return _int8_outlier.int8_outlier_linear(
+        x, codes, scale, input_index, outlier_columns, outlier_weight, bias, epilogue, aux, wrap=wrap
+    )
 
 
 #: The operators the fusion pass emits (and an exporter would need translations for).
