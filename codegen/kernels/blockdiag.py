@@ -28,16 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from codegen.kernels.common import (
-    DOT_HELPER,
-    UNUSED,
-    KernelError,
-    check_float,
-    dot_flags,
-    launch_rows,
-    reference_epilogue,
-    tile_tail,
-)
+from codegen.kernels.common import DOT_HELPER, KernelError, check_float, dot_flags, launch_rows, reference_epilogue, tile_tail
 from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
 
 __all__ = ["CONFIGS", "GATHER_MAX_M", "KERNEL_MAX_M", "blockdiag_linear", "blockdiag_linear_ref", "kernel", "kernel_takes"]
@@ -165,8 +156,7 @@ def blockdiag_linear(
         in_index, n_in = None, b * p
     kernel(ep).launch(
         lambda meta: (b, -(-m // meta["BM"]), -(-s // meta["BS"])),
-        x2, blocks.contiguous(), in_index if in_index is not None else UNUSED, out_pos if out_pos is not None else UNUSED,
-        bias if bias is not None else UNUSED, out, *auxs, m, n_in, out_features, p, s, x2.stride(0), shape_class(m),
+        x2, blocks.contiguous(), in_index, out_pos, bias, out, *auxs, m, n_in, out_features, p, s, x2.stride(0), shape_class(m),
         HAS_BIAS=bias is not None, GATHER=in_index is not None, SCATTER=out_pos is not None, wrap=wrap, **dot_flags(x.dtype),
     )  # fmt: skip
     return out.view(out_shape)

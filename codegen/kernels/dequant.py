@@ -261,10 +261,16 @@ def quant_linear_ref(
     x, codes, constants, fmt: str, cols: int, bias=None, down=None, up=None, epilogue: str = "", aux=()
 ) -> torch.Tensor:
     """The semantics (what ``QuantizedLinear``/``LQLinear`` compute, then the epilogue in fp32)."""
-    y = F.linear(x, dequantize_ref(codes, constants, fmt, cols).to(x.dtype), bias)
+    return _dense_linear(x, dequantize_ref(codes, constants, fmt, cols).to(x.dtype), bias, down, up, epilogue, aux)
+
+
+def _dense_linear(x, w, bias, down, up, epilogue: str, aux) -> torch.Tensor:
+    """``epilogue(x·wᵀ [+ (x·downᵀ)·upᵀ] + bias)`` in torch, with the dense weight ``w`` in x's dtype:
+    the reference's arithmetic, and the prefill path's once the weight is decoded."""
+    y = F.linear(x, w, bias)
     if down is not None:
         y = y + F.linear(F.linear(x, down), up)
-    return Epilogue.parse(epilogue).apply_ref(y.float(), aux).to(x.dtype)
+    return reference_epilogue(y, epilogue, aux)
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -359,10 +365,7 @@ def quant_linear(
         return out.view(out_shape)
     if m >= DEQUANT_FIRST_M:  # prefill: decode the weight once, then cuBLAS (what quant_linear_ref computes)
         w = _dequantize(f, codes, constants, cols, n_groups, x.dtype, None if eager else wrap)
-        y = F.linear(x2, w, bias)
-        if down is not None:
-            y = y + F.linear(F.linear(x2, down), up)
-        return reference_epilogue(y, epilogue, auxs).view(out_shape)
+        return _dense_linear(x2, w, bias, down, up, epilogue, auxs).view(out_shape)
     t = F.linear(x2, down).contiguous() if down is not None else UNUSED
     c = _constant_slots(f, constants)
     row_bytes = codes.shape[1]

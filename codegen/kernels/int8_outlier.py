@@ -242,7 +242,7 @@ def int8_outlier_linear(
     kernel(ep).launch(
         lambda meta: (-(-m // meta["BM"]), -(-out // meta["BN"])),
         q, sx, codes.contiguous(), scale.contiguous(), xo if n_out else UNUSED,
-        outlier_weight.contiguous() if n_out else UNUSED, bias if bias is not None else UNUSED, y, *auxs,
+        outlier_weight.contiguous() if n_out else UNUSED, bias, y, *auxs,
         m, out, k_pad // align, n_out, shape_class(m),
         HAS_OUTLIERS=n_out > 0, HAS_BIAS=bias is not None, KP_ALIGN=align, wrap=wrap,
     )  # fmt: skip

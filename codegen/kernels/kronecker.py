@@ -19,7 +19,6 @@ import torch
 from codegen.kernels.common import (
     DOT_HELPER,
     ROW_TAIL,
-    UNUSED,
     KernelError,
     check_float,
     dot_flags,
@@ -140,7 +139,7 @@ def kronecker_linear(x, A, B, out_features: int, bias=None, epilogue: str = "", 
         return out.view(out_shape)
     kernel(ep).launch(
         lambda meta: (m, -(-a_out // meta["BA"]), -(-b_out // meta["BB"])),
-        x2, A.contiguous(), B.contiguous(), bias if bias is not None else UNUSED, out, *auxs,
+        x2, A.contiguous(), B.contiguous(), bias, out, *auxs,
         m, n_in, out_features, r, a_out, a_in, b_out, b_in, x2.stride(0), shape_class(m),
         HAS_BIAS=bias is not None, AI=next_pow2(max(16, a_in)), BI=next_pow2(max(16, b_in)), wrap=wrap, **dot_flags(x.dtype),
     )  # fmt: skip

@@ -34,6 +34,7 @@ from codegen.kernels.common import (
     dot_flags,
     next_pow2,
     parse_epilogue,
+    reference_epilogue,
     rows_of,
     tile_tail,
 )
@@ -133,8 +134,7 @@ def kernel(epilogue: Epilogue = NO_EPILOGUE):
 
 def lowrank_linear_ref(x, down, up, bias=None, epilogue: str = "", aux=()) -> torch.Tensor:
     """The semantics: ``F.linear(F.linear(x, down), up, bias)`` then the epilogue (fp32), in x's dtype."""
-    y = F.linear(F.linear(x, down), up, bias)
-    return Epilogue.parse(epilogue).apply_ref(y.float(), aux).to(x.dtype)
+    return reference_epilogue(F.linear(F.linear(x, down), up, bias), epilogue, aux)
 
 
 def supports(x: torch.Tensor, down: torch.Tensor) -> bool:

@@ -41,12 +41,12 @@ import torch.nn.functional as F
 from codegen.kernels.common import (
     DOT_HELPER,
     ROW_TAIL,
-    UNUSED,
     KernelError,
     check_float,
     dot_flags,
     launch_rows,
     next_pow2,
+    reference_epilogue,
     tile_tail,
 )
 from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
@@ -299,8 +299,7 @@ def monarch_linear_ref(x, L, R, out_features: int, bias=None, epilogue: str = ""
     y = torch.bmm(L, g).reshape(b * s, n)[:out_features].t()
     if bias is not None:
         y = y + bias
-    y = Epilogue.parse(epilogue).apply_ref(y.float(), [a.reshape(n, out_features) for a in aux])
-    return y.to(x.dtype).reshape(*lead, out_features)
+    return reference_epilogue(y, epilogue, aux).reshape(*lead, out_features)
 
 
 def monarch_linear(x, L, R, out_features: int, bias=None, epilogue: str = "", aux=(), *, wrap=None) -> torch.Tensor:
@@ -328,19 +327,18 @@ def monarch_linear(x, L, R, out_features: int, bias=None, epilogue: str = "", au
     if m == 0:
         return out.view(out_shape)
     L, R = L.contiguous(), R.contiguous()
-    bias_arg = bias if bias is not None else UNUSED
     bb, bp = next_pow2(b), next_pow2(p)
     if m <= GEMV_MAX_ROWS and bb * bp <= GEMV_MAX_TILE:
         gemv_kernel(ep).launch(
             lambda meta: (b, m, -(-s // meta["BS"])),
-            x2, R, L, bias_arg, out, *auxs, m, n_in, out_features, p, s, kb, b, kb // b, x2.stride(0), shape_class(m),
+            x2, R, L, bias, out, *auxs, m, n_in, out_features, p, s, kb, b, kb // b, x2.stride(0), shape_class(m),
             HAS_BIAS=bias is not None, BB=bb, BP=bp, wrap=wrap,
         )  # fmt: skip
         return out.view(out_shape)
     g = stage1(x2, R, wrap=wrap)
     stage2_kernel(ep).launch(
         lambda meta: (b, -(-m // meta["BM"]), -(-s // meta["BS"])),
-        g, L, bias_arg, out, *auxs, m, out_features, s, kb, b, shape_class(m),
+        g, L, bias, out, *auxs, m, out_features, s, kb, b, shape_class(m),
         HAS_BIAS=bias is not None, wrap=wrap, **dot_flags(x.dtype),
     )  # fmt: skip
     return out.view(out_shape)
