@@ -88,7 +88,7 @@ from codegen import dispatch
 from cost_model import MatmulCost, SiteStats, matmul_cost
 from ir import UseKind, WeightSite
 from passes.config import TransformConfig, register_config
-from passes.quant_storage import BITS, GROUP_SIZES, Int8Config, IntNConfig, NF4Config, PackedWeight, QuantConfig
+from passes.quant_storage import BITS, GROUP_SIZES, Int8Config, IntNConfig, NF4Config, PackedWeight, QuantConfig, gpu_weight_bytes
 from passes.transform import Candidate, Transform, Workspace, register_transform, replace_module
 
 __all__ = ["Alternation", "LQConfig", "LQEmbedding", "LQLinear", "LQTransform", "alternate", "candidate_configs"]
@@ -458,7 +458,7 @@ class LQTransform(Transform):
 
     @staticmethod
     def _cost(site: WeightSite, config: LQConfig, nbytes: int, size: int) -> MatmulCost:
-        from codegen.kernels.dequant import DEQUANT_FIRST_M, GEMV_MAX_M, QuantFormat, gemv_relative_rate
+        from codegen.kernels.dequant import DEQUANT_FIRST_M
 
         out, inn = site.matrix_shape
         r = config.rank
@@ -476,11 +476,9 @@ class LQTransform(Transform):
                 )
                 # decomp::quant_linear with the low-rank term (GPU): one launch, (x·L2ᵀ) on chip; from
                 # DEQUANT_FIRST_M rows, Q decoded once (written and read back dense), then the torch matmuls
-                if use.rows <= GEMV_MAX_M:  # Q's codes stream at its GEMV's measured rate (quantized_matmul_cost)
-                    q_read = round(q_bytes / gemv_relative_rate(QuantFormat.of(config.storage())))
+                if use.rows < DEQUANT_FIRST_M:  # Q's codes read at its kernel's measured rate (gpu_weight_bytes)
+                    q_read = gpu_weight_bytes(use.rows, q_bytes, config.storage())
                     fused = MatmulCost(parts.flops, q_read + r * (inn + out) * size + use.rows * (inn + out) * size, 1)
-                elif use.rows < DEQUANT_FIRST_M:
-                    fused = MatmulCost(parts.flops, q_bytes + r * (inn + out) * size + use.rows * (inn + out) * size, 1)
                 else:
                     fused = MatmulCost(parts.flops, parts.bytes + 2 * out * inn * size, parts.kernels + 1)
                 total = total + MatmulCost(parts.flops, parts.bytes, parts.kernels, fused)

@@ -479,14 +479,16 @@ class MonarchTransform(StructuredTransform):
         return MonarchLinear(factors["L"], factors["R"], bias, out, inn)
 
     def op_cost(self, config: TransformConfig, rows: int, out: int, inn: int, size: int) -> MatmulCost:
+        from codegen.kernels.monarch import GEMV_MAX_ROWS
+
         b, k = config.nblocks, config.rank
         s, p = config.tiles(out, inn)
         params = b * k * b * (s + p)
         # two bmm's; activations: read x, write and read the b·b·k intermediate, transpose the output
         moved = params * size + size * rows * (b * p + 2 * b * b * k + 2 * out)
-        # decomp::monarch_linear (GPU): one launch up to 4 rows (no intermediate in memory), else
-        # the two stages with the permutation fused into the first's store
-        if rows <= 4:
+        # decomp::monarch_linear (GPU): one launch up to GEMV_MAX_ROWS rows (no intermediate in
+        # memory), else the two stages with the permutation fused into the first's store
+        if rows <= GEMV_MAX_ROWS:
             fused = MatmulCost(2 * rows * params, params * size + size * rows * (inn + out), 1)
         else:
             fused = MatmulCost(2 * rows * params, params * size + size * rows * (inn + 2 * b * b * k + out), 2)

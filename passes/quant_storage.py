@@ -38,6 +38,7 @@ __all__ = [
     "QuantConfig",
     "QuantizedEmbedding",
     "QuantizedLinear",
+    "gpu_weight_bytes",
     "quantized_matmul_cost",
 ]
 
@@ -48,6 +49,17 @@ Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 Buffers = dict[str, torch.Tensor]
 
 
+def gpu_weight_bytes(rows: int, nbytes: int, config) -> int:
+    """The stored ``nbytes`` of a ``config``-quantized weight as the GPU kernels read them over ``rows``
+    rows, counted at a dense matmul's rate: at decode rows (the GEMV) scaled by the format's measured
+    rate relative to it (``codegen.kernels.dequant.GEMV_RELATIVE_RATE``), else as they are."""
+    from codegen.kernels.dequant import GEMV_MAX_M, QuantFormat, gemv_relative_rate
+
+    if rows > GEMV_MAX_M:
+        return nbytes
+    return round(nbytes / gemv_relative_rate(QuantFormat.of(config)))
+
+
 def quantized_matmul_cost(rows: int, inn: int, out: int, nbytes: int, size: int, config=None) -> MatmulCost:
     """A quantized linear over ``rows`` activation rows: the stored ``nbytes`` read once by the
     dequantizing matmul. On a GPU (``decomp::quant_linear``): at decode rows (the GEMV) the bytes
@@ -55,13 +67,13 @@ def quantized_matmul_cost(rows: int, inn: int, out: int, nbytes: int, size: int,
     (``codegen.kernels.dequant.GEMV_RELATIVE_RATE``); from ``DEQUANT_FIRST_M`` rows the weight is
     decoded once to a dense matrix (written and read back: ``2·out·inn·size`` more bytes, one more
     launch) and multiplied densely."""
-    from codegen.kernels.dequant import DEQUANT_FIRST_M, GEMV_MAX_M, QuantFormat, gemv_relative_rate
+    from codegen.kernels.dequant import DEQUANT_FIRST_M, GEMV_MAX_M
 
     plain = matmul_cost(rows, inn, out, nbytes, size)
     if rows >= DEQUANT_FIRST_M:
         fused = MatmulCost(plain.flops, plain.bytes + 2 * out * inn * size, 2)
     elif rows <= GEMV_MAX_M and config is not None:
-        fused = MatmulCost(plain.flops, plain.bytes - nbytes + round(nbytes / gemv_relative_rate(QuantFormat.of(config))), 1)
+        fused = MatmulCost(plain.flops, plain.bytes - nbytes + gpu_weight_bytes(rows, nbytes, config), 1)
     else:
         return plain
     return MatmulCost(plain.flops, plain.bytes, plain.kernels, fused)
