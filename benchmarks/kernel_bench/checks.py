@@ -26,6 +26,16 @@ def _verdict(name, out, ref, truth) -> None:
     print(f"{'PASS' if ok else 'FAIL'}  {name:58s} max|err| {err:.3g}  (eager torch {eager:.3g}, bound {bound:.3g})", flush=True)
 
 
+def _judge(name, kernel, reference, args_of, device, dtype) -> None:
+    """``kernel`` and its ``reference`` on ``args_of(cast)`` with ``cast`` moving the float operands to
+    ``device`` in ``dtype``, judged (:func:`_verdict`) against the reference on the same operands in fp64.
+    ``args_of`` is called here and now, so a lambda over loop variables sees this iteration's (B023 is
+    silenced at the call sites for that reason)."""
+    args = args_of(lambda t: t.to(device, dtype))
+    truth = reference(*args_of(lambda t: t.to(device, torch.float64)))
+    _verdict(name, kernel(*args), reference(*args), truth)
+
+
 def check_lowrank(device):
     from codegen.kernels import lowrank as K
 
@@ -36,13 +46,8 @@ def check_lowrank(device):
             x, down, up, bias = (torch.randn(*s, generator=g) for s in ((m, k), (r, k), (n, r), (n,)))
             down, up = down / k**0.5, up / r**0.5
             aux = [torch.randn(m, n, generator=g)] if ep else []
-            args = [t.to(device, dtype) for t in (x, down, up, bias)]
-            auxd = [a.to(device, dtype) for a in aux]
-            out = K.lowrank_linear(*args, ep, auxd)
-            ref = K.lowrank_linear_ref(*args, ep, auxd)
-            truth = K.lowrank_linear_ref(*[t.to(device, torch.float64) for t in (x, down, up, bias)], ep,
-                                         [a.to(device, torch.float64) for a in aux])  # fmt: skip
-            _verdict(f"lowrank {str(dtype)[6:]} {m}x{k}x{r}x{n} {ep or 'bias'}", out, ref, truth)
+            _judge(f"lowrank {str(dtype)[6:]} {m}x{k}x{r}x{n} {ep or 'bias'}", K.lowrank_linear, K.lowrank_linear_ref,
+                   lambda c: (c(x), c(down), c(up), c(bias), ep, [c(a) for a in aux]), device, dtype)  # noqa: B023  # fmt: skip
 
 
 def check_dequant(device):
@@ -60,23 +65,17 @@ def check_dequant(device):
         for m in (1, 3, 64, D.DEQUANT_FIRST_M) if spec == "int4g32" else (1, 64, D.DEQUANT_FIRST_M):
             x = torch.randn(m, inn, generator=g).to(device, dtype)
             bias = torch.randn(out_f, generator=g).to(device, dtype)
-            out = D.quant_linear(x, codes, constants, fmt, inn, bias)
-            ref = D.quant_linear_ref(x, codes, constants, fmt, inn, bias)
-            truth = D.quant_linear_ref(x.double(), codes, constants, fmt, inn, bias.double())
             path = "gemv" if m <= D.GEMV_MAX_M else "gemm" if m < D.DEQUANT_FIRST_M else "decode once + matmul"
-            _verdict(f"dequant {fmt} {str(dtype)[6:]} m={m} ({path})", out, ref, truth)
+            _judge(f"dequant {fmt} {str(dtype)[6:]} m={m} ({path})", D.quant_linear, D.quant_linear_ref,
+                   lambda c: (c(x), codes, constants, fmt, inn, c(bias)), device, dtype)  # noqa: B023  # fmt: skip
     # LQ: int3 + rank-16 term, SwiGLU epilogue
     pw, _ = _packed(_format("int3g64"), 576, 1536, torch.float16, device)
     codes, constants, fmt = _buffers(pw)
     for m in (1, 64):
         x, down, up, aux = (torch.randn(*s, generator=g) for s in ((m, 1536), (16, 1536), (576, 16), (m, 576)))
         x, down, up, aux = (t.to(device, torch.float16) for t in (x, down / 40, up / 4, aux))
-        out = D.quant_linear(x, codes, constants, fmt, 1536, None, down, up, "silu,mul", [aux])
-        ref = D.quant_linear_ref(x, codes, constants, fmt, 1536, None, down, up, "silu,mul", [aux])
-        truth = D.quant_linear_ref(
-            x.double(), codes, constants, fmt, 1536, None, down.double(), up.double(), "silu,mul", [aux.double()]
-        )
-        _verdict(f"dequant LQ int3g64+r16 fp16 m={m} silu,mul", out, ref, truth)
+        _judge(f"dequant LQ int3g64+r16 fp16 m={m} silu,mul", D.quant_linear, D.quant_linear_ref,
+               lambda c: (c(x), codes, constants, fmt, 1536, None, c(down), c(up), "silu,mul", [c(aux)]), device, torch.float16)  # noqa: B023  # fmt: skip
 
 
 def check_monarch(device):
@@ -89,11 +88,8 @@ def check_monarch(device):
             p, s = -(-inn // b), -(-out // b)
             L, R = (torch.randn(b, s, b * k, generator=g) / (b * k) ** 0.5, torch.randn(b, k * b, p, generator=g) / p**0.5)
             x, bias = torch.randn(m, inn, generator=g), torch.randn(out, generator=g)
-            args = [t.to(device, dtype) for t in (x, L, R)]
-            y = K.monarch_linear(*args, out, bias.to(device, dtype))
-            ref = K.monarch_linear_ref(*args, out, bias.to(device, dtype))
-            truth = K.monarch_linear_ref(*[t.to(device, torch.float64) for t in (x, L, R)], out, bias.to(device, torch.float64))
-            _verdict(f"monarch {str(dtype)[6:]} {m}x{inn}->{out} b={b} k={k}", y, ref, truth)
+            _judge(f"monarch {str(dtype)[6:]} {m}x{inn}->{out} b={b} k={k}", K.monarch_linear, K.monarch_linear_ref,
+                   lambda c: (c(x), c(L), c(R), out, c(bias)), device, dtype)  # noqa: B023  # fmt: skip
 
 
 def check_blockdiag(device):
@@ -111,12 +107,8 @@ def check_blockdiag(device):
             )
             in_index = torch.randperm(b * p, generator=g).int().to(device)
             out_pos = _output_positions(torch.randperm(b * s, generator=g)[:out].int(), b * s).to(device)
-            args = [t.to(device, dtype) for t in (x, blocks)]
-            y = K.blockdiag_linear(*args, out, in_index, out_pos, bias.to(device, dtype))
-            ref = K.blockdiag_linear_ref(*args, out, in_index, out_pos, bias.to(device, dtype))
-            truth = K.blockdiag_linear_ref(*[t.to(device, torch.float64) for t in (x, blocks)], out, in_index, out_pos,
-                                           bias.to(device, torch.float64))  # fmt: skip
-            _verdict(f"blockdiag {str(dtype)[6:]} {m}x{inn}->{out} b={b}", y, ref, truth)
+            _judge(f"blockdiag {str(dtype)[6:]} {m}x{inn}->{out} b={b}", K.blockdiag_linear, K.blockdiag_linear_ref,
+                   lambda c: (c(x), c(blocks), out, in_index, out_pos, c(bias)), device, dtype)  # noqa: B023  # fmt: skip
 
 
 def check_kronecker(device):
@@ -131,12 +123,8 @@ def check_kronecker(device):
         ):
             A, B = torch.randn(r, a_out, a_in, generator=g) / a_in**0.5, torch.randn(r, b_out, b_in, generator=g) / b_in**0.5
             x, bias = torch.randn(m, a_in * b_in - 3, generator=g), torch.randn(a_out * b_out - 5, generator=g)
-            args = [t.to(device, dtype) for t in (x, A, B)]
-            n = bias.numel()
-            y = K.kronecker_linear(*args, n, bias.to(device, dtype))
-            ref = K.kronecker_linear_ref(*args, n, bias.to(device, dtype))
-            truth = K.kronecker_linear_ref(*[t.to(device, torch.float64) for t in (x, A, B)], n, bias.to(device, torch.float64))
-            _verdict(f"kronecker {str(dtype)[6:]} {m} rows, r={r} {a_out}x{a_in} ⊗ {b_out}x{b_in}", y, ref, truth)
+            _judge(f"kronecker {str(dtype)[6:]} {m} rows, r={r} {a_out}x{a_in} ⊗ {b_out}x{b_in}", K.kronecker_linear,
+                   K.kronecker_linear_ref, lambda c: (c(x), c(A), c(B), bias.numel(), c(bias)), device, dtype)  # noqa: B023  # fmt: skip
 
 
 def check_int8_outlier(device):
@@ -152,11 +140,9 @@ def check_int8_outlier(device):
             bufs = [b.to(device) for b in (pw.codes, pw.scale, pw.input_index, pw.outlier_columns, pw.outlier_weight)]
             x, bias = torch.randn(m, inn, generator=g), torch.randn(out, generator=g)
             x[:, outliers] *= 30
-            xd, bd = x.to(device, dtype), bias.to(device, dtype)
-            y = K.int8_outlier_linear(xd, *bufs, bd)
-            ref = K.int8_outlier_linear_ref(xd, *bufs, bd)
-            _verdict(f"int8 outliers {str(dtype)[6:]} {m}x{inn}->{out} ({n_out} outliers)", y, ref,
-                     K.int8_outlier_linear_ref(xd.double(), *bufs, bd.double()))  # fmt: skip
+            xd, bd = x.to(device, dtype), bias.to(device, dtype)  # the fp64 truth from the same rounded inputs
+            _judge(f"int8 outliers {str(dtype)[6:]} {m}x{inn}->{out} ({n_out} outliers)", K.int8_outlier_linear,
+                   K.int8_outlier_linear_ref, lambda c: (c(xd), *bufs, c(bd)), device, dtype)  # noqa: B023  # fmt: skip
 
 
 def _swiglu_block(d, hidden, device, dtype, rank=None, spec="int4g32"):
