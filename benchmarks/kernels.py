@@ -56,6 +56,7 @@ from kernel_bench.common import BUDGET_S, FAILURES, START, _bench, _buffers, _fo
 from kernel_bench.decode import bench_decode_proxy, bench_e2e
 from kernel_bench.speed import (
     GEMV_FORMATS,
+    LANDSCAPE_FORMATS,
     bench_blockdiag,
     bench_dequant,
     bench_int8_outlier,
@@ -77,8 +78,11 @@ def main(argv=None) -> int:
     parser.add_argument("--e2e-rows", choices=("all", "ours-compiled"), default="all",
                         help="ours-compiled: only the compiled int4 model (short GPU sessions)")  # fmt: skip
     parser.add_argument("--gemv-formats", default=",".join(GEMV_FORMATS), help="formats of the GEMV rows, comma-separated")
+    parser.add_argument("--landscape-formats", default=",".join(LANDSCAPE_FORMATS),
+                        help="formats of the every-GEMV-config table, comma-separated (empty: no table)")  # fmt: skip
     args = parser.parse_args(argv)
     GEMV_FORMATS[:] = args.gemv_formats.split(",")
+    LANDSCAPE_FORMATS[:] = [f for f in args.landscape_formats.split(",") if f]
     BUDGET_S[0] = args.budget_s
 
     cuda = torch.cuda.is_available()

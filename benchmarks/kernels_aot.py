@@ -110,6 +110,7 @@ def variants(quick: bool):
                 consts = {
                     "KIND": f.kind, "BITS": f.bits, "GROUP": max(f.group, 1), "DQ": f.dq, "HAS_BIAS": True,
                     "HAS_LR": has_lr, "R_PAD": 32, "IEEE": dt == "fp32", "UPCAST": False,
+                    "WORDS": f.kind == 0 and f.bits == 4 and dt == "fp16", "ASM": True,  # as dequant._word_flags on a GPU
                 }  # fmt: skip
                 full = dt == "fp16" and not quick
                 for label, kern, configs in (
@@ -127,7 +128,7 @@ def variants(quick: bool):
                 for w in range(3):
                     group_pointers |= {f"{s}{w}_ptr": pointers[f"c{i}_ptr"] for i, s in enumerate("abcd")}
                     group_pointers[f"w{w}_ptr"] = code_ty
-                group_consts = {k: consts[k] for k in ("KIND", "BITS", "GROUP", "DQ")} | {"HAS_BIAS": False}
+                group_consts = {k: consts[k] for k in ("KIND", "BITS", "GROUP", "DQ", "WORDS", "ASM")} | {"HAS_BIAS": False}
                 full = dt == "fp16" and not quick
                 for w, pair, bias in ((3, False, False), (2, True, False), (3, False, True)):  # as decode runs them
                     out.append((f"dequant gemv group {'pair' if pair else 'w3'}{' bias' if bias else ''} norm {fmt} {dt}",
@@ -374,7 +375,7 @@ def launch_check(arch: int) -> int:
                 call()
             except Exception as e:  # noqa: BLE001 — report every failing launch, then fail
                 failures.append(label)
-                print(f"FAIL  {label}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+                print(f"FAIL  {label}: {type(e).__name__}: {str(e)[:3000] if os.environ.get('AOT_VERBOSE') else str(e).splitlines()[0][:300]}", flush=True)
                 continue
             print(f"ok    {label}: {', '.join(stub.launched[before:])}", flush=True)
     finally:
@@ -407,7 +408,7 @@ def main(argv=None) -> int:
                 compiled = _compile(kernel, pointers, consts, config, args.arch)
             except Exception as e:  # noqa: BLE001 — report every failing variant, then fail
                 failures.append(name)
-                print(f"FAIL  {name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+                print(f"FAIL  {name}: {type(e).__name__}: {str(e)[:3000] if os.environ.get('AOT_VERBOSE') else str(e).splitlines()[0][:300]}", flush=True)
                 continue
             shared = compiled.metadata.shared
             over = shared > limit

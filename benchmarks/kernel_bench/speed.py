@@ -179,8 +179,8 @@ def _gemv_landscape(device, dtype, make_dense, make_quant):
     n, k = LANDSCAPE_SHAPE
     configs = D.GEMV_CONFIGS if torch.cuda.is_available() else D.GEMV_CONFIGS[:2]
     print(f"\n### Dequant-GEMV tuning configs, each alone, 1 × {k} → {n} (CUDA graph, cold weights)\n")
-    _print_row("format", "config", "kernel", "vs fp16 F.linear", "HBM GB/s")
-    _print_row(*["---"] * 5)
+    _print_row("format", "config", "kernel", "vs fp16 F.linear", "HBM GB/s", "max err vs fp64 (eager torch's)")
+    _print_row(*["---"] * 6)
     dense = _cold(functools.partial(make_dense, m=1, n=n, k=k))
     built = D.gemv_kernel()
     raw = getattr(built.fn, "fn", built.fn)  # the jitted function under triton.autotune
@@ -189,14 +189,22 @@ def _gemv_landscape(device, dtype, make_dense, make_quant):
         for spec in LANDSCAPE_FORMATS:
             pw, _ = _packed(_format(spec), n, k, dtype, device)
             packed_bytes = _nbytes(*pw.buffers())
+            codes, constants, fmt = _buffers(pw)
+            x = torch.randn(1, k, device=device, dtype=dtype)
+            truth = D.quant_linear_ref(x.double(), codes, constants, fmt, k)
+            eager = (D.quant_linear_ref(x, codes, constants, fmt, k).double() - truth).abs().max().item()
             for config in configs:
                 if _late("GEMV configs"):
                     return
+                if config.get("HALF2") and not spec.startswith("int4"):
+                    continue  # the plain loop there (HALF2 is int4's)
                 one = dataclasses.replace(built, fn=raw, configs=(config,), wrapped=False)
                 D._kernel = lambda builder, ep, one=one: one if builder is D.gemv_kernel else saved(builder, ep)
                 ms = _cold(functools.partial(make_quant, m=1, n=n, k=k, spec=spec))
+                err = (D.quant_linear(x, codes, constants, fmt, k).double() - truth).abs().max().item()
                 label = " ".join(f"{key}{v}" for key, v in config.items() if key != "num_stages")
-                _print_row(spec, label, f"{ms * 1e3:.1f} µs", f"{dense / ms:.2f}×", f"{packed_bytes / (ms * 1e-3) / 1e9:.0f}")
+                _print_row(spec, label, f"{ms * 1e3:.1f} µs", f"{dense / ms:.2f}×", f"{packed_bytes / (ms * 1e-3) / 1e9:.0f}",
+                           f"{err:.3g} ({eager:.3g})")  # fmt: skip
     finally:
         D._kernel = saved
 

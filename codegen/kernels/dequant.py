@@ -69,7 +69,7 @@ from codegen.kernels.dequant_source import (
     GEMV_TEMPLATE,
     NF4_VALUES,
 )
-from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
+from codegen.template import NO_EPILOGUE, Epilogue, build, interpreting, shape_class
 
 __all__ = [
     "CONSTANT_BLOCK",
@@ -376,7 +376,7 @@ def quant_linear(
     )  # fmt: skip
     meta = dict(
         KIND=f.kind, BITS=f.bits, GROUP=max(f.group, 1), DQ=f.dq, HAS_BIAS=bias is not None,
-        HAS_LR=down is not None, R_PAD=next_pow2(max(16, r)), **dot_flags(x.dtype),
+        HAS_LR=down is not None, R_PAD=next_pow2(max(16, r)), **dot_flags(x.dtype), **_word_flags(f, x2, codes),
     )  # fmt: skip
     gemv = m <= GEMV_MAX_M
     kernel = _kernel(gemv_kernel if gemv else gemm_kernel, ep)
@@ -464,7 +464,7 @@ def quant_linear_group(
         args = (x2, *weights, *bias_slots, nw, *out_slots, *auxs, m, *sizes, *[0] * (3 - len(sizes)), cols,
                 codes[0].shape[1], groups.pop(), x2.stride(0), float(eps), shape_class(m))  # fmt: skip
         meta = {"KIND": f.kind, "BITS": f.bits, "GROUP": max(f.group, 1), "DQ": f.dq, "HAS_BIAS": bool(biases), "W": len(codes),
-                "PAIR": pair, "NORM": norm_weight is not None}  # fmt: skip
+                "PAIR": pair, "NORM": norm_weight is not None, **_word_flags(f, x2, *codes)}  # fmt: skip
         grid = lambda meta: (sum(-(-s // meta["BN"]) for s in out_sizes), m)
         _kernel(gemv_group_kernel, ep).launch(grid, *args, wrap=None if eager else wrap, **meta)
     return [o.view(*x.shape[:-1], o.shape[1]) for o in outs]
@@ -489,6 +489,25 @@ def _dequantize(f: QuantFormat, codes, constants, cols: int, n_groups: int, dtyp
         n, cols, codes.shape[1], n_groups, KIND=f.kind, BITS=f.bits, GROUP=max(f.group, 1), DQ=f.dq, wrap=wrap,
     )  # fmt: skip
     return w
+
+
+def _word_flags(f: QuantFormat, x, *codes) -> dict:
+    """The GEMV's ``HALF2`` configs' preconditions: ``WORDS`` — fp16 rows ``x`` (2-D) of a width that is a multiple of 8,
+    an even stride and offset (read as fp16 pairs) and int4 group codes whose rows start 4-byte aligned
+    (read as 32-bit words); ``ASM`` — compiled for a GPU (the
+    interpreter runs no PTX: it takes the same arithmetic in Triton ops). Without ``WORDS`` those
+    configs run the plain loop. (Storage offsets, not ``data_ptr``: traced fake tensors have none;
+    torch allocates storages aligned.)"""
+    words = (
+        f.kind == 0
+        and f.bits == 4
+        and x.dtype == torch.float16
+        and x.shape[1] % 8 == 0
+        and x.stride(0) % 2 == 0
+        and x.storage_offset() % 2 == 0
+        and all(c.shape[1] % 4 == 0 and c.storage_offset() % 4 == 0 for c in codes)
+    )
+    return {"WORDS": words, "ASM": not interpreting()}
 
 
 def _constant_slots(f: QuantFormat, constants) -> list:

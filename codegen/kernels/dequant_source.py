@@ -21,6 +21,44 @@ __all__ = [
     "NF4_VALUES",
 ]
 
+#: The HALF2 loop's per-word product (PTX, sm_53+): a 32-bit word of 8 int4 codes (byte j: code 2j in
+#: the low nibble, 2j+1 in the high one) against the 8 fp16 inputs as 4 pairs (``$2`` … ``$5``: pair k
+#: = x[2k] low, x[2k+1] high). Per byte: ``prmt`` copies it into all four bytes, ``lop3`` keeps the
+#: low nibble in the low half's mantissa under 64.0 (ulp 1/16) and the high nibble in the high half's
+#: under 4.0 (ulp 1/256, the nibble sits 4 bits up), so the halves read 64 + q/16 and 4 + q'/16;
+#: ``sub.f16x2`` of (64.5, 4.5) leaves ((q−8)/16, (q'−8)/16) exactly, and one ``fma.f16x2`` adds both
+#: products. Four instructions per two codes, no conversion; the two fp16 lanes are summed in fp32.
+#: Centred and scaled by 1/16, each product is at most |x|/2, so the fp16 partial sums cannot
+#: overflow where x itself does not.
+HALF2_ASM = """
+{
+.reg .b32 t, p, c, acc;
+.reg .b16 lo, hi;
+.reg .f32 flo, fhi;
+mov.b32 c, 0x44805408;
+prmt.b32 t, $1, $1, 0x0000;
+lop3.b32 p, t, 0x00F0000F, 0x44005400, 0xEA;
+sub.f16x2 p, p, c;
+mul.rn.f16x2 acc, p, $2;
+prmt.b32 t, $1, $1, 0x1111;
+lop3.b32 p, t, 0x00F0000F, 0x44005400, 0xEA;
+sub.f16x2 p, p, c;
+fma.rn.f16x2 acc, p, $3, acc;
+prmt.b32 t, $1, $1, 0x2222;
+lop3.b32 p, t, 0x00F0000F, 0x44005400, 0xEA;
+sub.f16x2 p, p, c;
+fma.rn.f16x2 acc, p, $4, acc;
+prmt.b32 t, $1, $1, 0x3333;
+lop3.b32 p, t, 0x00F0000F, 0x44005400, 0xEA;
+sub.f16x2 p, p, c;
+fma.rn.f16x2 acc, p, $5, acc;
+mov.b32 {lo, hi}, acc;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}
+"""
+
 CONSTANT_BLOCK = 256  # passes.quant_formats.CONSTANT_BLOCK (checked in the tests)
 
 #: NF4's 16 values (``passes.quant_formats.NF4_CODEBOOK``, checked in the tests), written into the
@@ -195,11 +233,75 @@ def _rms_x(x, nw_ptr, offs, mask, rstd):
     return (w.to(tl.float32) * xr.to(tl.float32)).to(x.dtype)
 
 @triton.jit
+def _half2_x(x_ptr, m, K, stride_xm, k0, nw_ptr, rstd, BK: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr):
+    """x[m, k0 … k0 + BK] as the HALF2 loop takes it: four int32 ``(BK/8,)`` tensors, the k-th holding
+    the fp16 pair (x[8u + 2k], x[8u + 2k + 1]) of word u (low, high half), and Σx per group (fp32,
+    ``(BK/GROUP,)``). ``NORM``: the RMSNorm applied first (``_rms_x``)."""
+    offs = k0 + tl.arange(0, BK // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
+    x8 = tl.load(x_ptr + m * stride_xm + offs, mask=offs < K, other=0.0)
+    if NORM:
+        x8 = _rms_x(x8, nw_ptr, offs, offs < K, rstd)
+    xsum = tl.sum(tl.reshape(tl.sum(x8.to(tl.float32), axis=1), (BK // GROUP, GROUP // 8)), axis=1)
+    bits = x8.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    lo, hi = tl.split(tl.reshape(bits, (BK // 8, 4, 2)))
+    even, odd = tl.split(tl.reshape(lo | (hi << 16), (BK // 8, 2, 2)))
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    return x0, x1, x2, x3, xsum
+
+
+@triton.jit
+def _half2_x_rows(x_ptr, m, K, stride_xm, k0, BK: tl.constexpr, GROUP: tl.constexpr):
+    """``_half2_x`` without the RMSNorm: pair k of word u is the 32-bit value at x + 8u + 2k, loaded
+    as it is (four 1-D loads that the compiler places in the words' column layout, so no layout
+    conversion runs per iteration). Needs K and the row stride multiples of 8 and 2 (``WORDS``)."""
+    offs_w = k0 // 8 + tl.arange(0, BK // 8)[None, :]
+    w_mask = 8 * offs_w < K
+    base = x_ptr.to(tl.pointer_type(tl.int32)) + (m * stride_xm) // 2 + 4 * offs_w
+    x0 = tl.load(base, mask=w_mask, other=0)
+    x1 = tl.load(base + 1, mask=w_mask, other=0)
+    x2 = tl.load(base + 2, mask=w_mask, other=0)
+    x3 = tl.load(base + 3, mask=w_mask, other=0)
+    offs_k3 = k0 + tl.arange(0, BK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    xsum = tl.sum(tl.load(x_ptr + m * stride_xm + offs_k3, mask=offs_k3 < K, other=0.0).to(tl.float32), axis=1)
+    return x0, x1, x2, x3, xsum
+
+
+@triton.jit
+def _half2_pair(acc_lo, acc_hi, words, xk, k: tl.constexpr):
+    """One byte of ``_half2_dot``'s emulation: byte k's two codes times pair k, in fp16."""
+    b = (words >> (8 * k)) & 255
+    v_lo = ((b & 15) - 8).to(tl.float16) * 0.0625
+    v_hi = ((b >> 4) - 8).to(tl.float16) * 0.0625
+    x_lo = xk.to(tl.int16).to(tl.float16, bitcast=True)
+    x_hi = (xk >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    return acc_lo + v_lo * x_lo, acc_hi + v_hi * x_hi
+
+
+@triton.jit
+def _half2_dot(words, x0, x1, x2, x3, ASM: tl.constexpr):
+    """Σ over each int32 word's 8 int4 codes of ((q − 8)/16)·x, two fp16 lanes summed in fp32
+    (``HALF2_ASM``). Without ``ASM`` (the interpreter, which runs no PTX) the same arithmetic in
+    Triton ops: fp16 products and sums, rounded per operation where the PTX fuses them."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            asm=HALF2_SOURCE, constraints="=r,r,r,r,r,r", args=[words, x0, x1, x2, x3], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        zero = tl.zeros(words.shape, dtype=tl.float16)
+        lo, hi = _half2_pair(zero, zero, words, x0, 0)
+        lo, hi = _half2_pair(lo, hi, words, x1, 1)
+        lo, hi = _half2_pair(lo, hi, words, x2, 2)
+        lo, hi = _half2_pair(lo, hi, words, x3, 3)
+        return lo.to(tl.float32) + hi.to(tl.float32)
+
+
+@triton.jit
 def _gemv_rows(x_ptr, codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, m, K, row_bytes, n_groups, stride_xm,
                nw_ptr, rstd,
                KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr, BN: tl.constexpr,
                BK: tl.constexpr, LS: tl.constexpr, PREFETCH: tl.constexpr, ACC3: tl.constexpr, MAGIC: tl.constexpr,
-               NORM: tl.constexpr):
+               NORM: tl.constexpr, HALF2: tl.constexpr, WORDS: tl.constexpr, ASM: tl.constexpr):
     """``x[m]·Wᵀ`` over the output rows ``offs_n`` (masked by ``n_mask``) as an fp32 ``(BN,)`` vector:
     the GEMV's main loop, shared by the one-weight kernel and the grouped one (inlined by Triton).
     ``NORM``: x is first RMS-normalised (``_rms_x``, with ``rstd`` and the norm weight ``nw_ptr``)."""
@@ -231,6 +333,21 @@ def _gemv_rows(x_ptr, codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask,
                 part += ((u ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0) * xk[None, :]
             else:
                 part += q.to(tl.float32) * xk[None, :]
+        elif HALF2 and WORDS:
+            # int4 codes a 32-bit word (8 codes) at a time, x as fp16 pairs: y = 16·s·Σ((q−8)/16)·x + (min + 8·s)·Σx
+            if NORM:
+                x0, x1, x2, x3, xsum = _half2_x(x_ptr, m, K, stride_xm, k0, nw_ptr, rstd, BK, GROUP, NORM)
+                x0, x1, x2, x3 = x0[None, :], x1[None, :], x2[None, :], x3[None, :]
+            else:
+                x0, x1, x2, x3, xsum = _half2_x_rows(x_ptr, m, K, stride_xm, k0, BK, GROUP)
+            offs_w = k0 // 8 + tl.arange(0, BK // 8)
+            words = tl.load(codes_ptr.to(tl.pointer_type(tl.int32)) + offs_n[:, None] * (row_bytes // 4) + offs_w[None, :],
+                            mask=n_mask[:, None] & (offs_w < row_bytes // 4)[None, :], other=0, eviction_policy="evict_first")
+            pw = _half2_dot(words, x0, x1, x2, x3, ASM)
+            s, mn = _group_constants(c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, k0, n_groups, KIND, GROUP, DQ, BK)
+            s = s.to(tl.float32)
+            part += tl.sum(tl.reshape(pw, (BN, BK // GROUP, GROUP // 8)), axis=2) * (16.0 * s) + (
+                mn.to(tl.float32) + 8.0 * s) * xsum[None, :]
         else:
             # x as (groups, columns), the shape the products broadcast it to
             offs_k3 = k0 + tl.arange(0, BK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
@@ -270,13 +387,14 @@ def _gemv_rows(x_ptr, codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask,
         acc = acc * tl.load(c0_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     return acc
 '''
-)
+).replace("HALF2_SOURCE", '"""' + HALF2_ASM.replace("$", "$$") + '"""')  # ``$`` escaped for string.Template
 
 _PARAMS = """
     x_ptr, codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, bias_ptr, t_ptr, up_ptr, out_ptr, ${AUX_PARAMS}
     M, N, K, R, row_bytes, n_groups, stride_xm, M_CLASS,
     KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,"""
+    HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    WORDS: tl.constexpr, ASM: tl.constexpr,"""
 
 GEMV_TEMPLATE = (
     _HELPERS
@@ -287,6 +405,7 @@ def ${KERNEL}("""
     + _PARAMS
     + """
     BN: tl.constexpr, BK: tl.constexpr, LS: tl.constexpr, PREFETCH: tl.constexpr, ACC3: tl.constexpr, MAGIC: tl.constexpr,
+    HALF2: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
@@ -294,7 +413,7 @@ def ${KERNEL}("""
     n_mask = offs_n < N
 
     acc = _gemv_rows(x_ptr, codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, m, K, row_bytes, n_groups, stride_xm,
-                     x_ptr, 1.0, KIND, BITS, GROUP, DQ, BN, BK, LS, PREFETCH, ACC3, MAGIC, False)
+                     x_ptr, 1.0, KIND, BITS, GROUP, DQ, BN, BK, LS, PREFETCH, ACC3, MAGIC, False, HALF2, WORDS, ASM)
 
     # low-rank term t·upᵀ (t = x·downᵀ computed before the launch)
     if HAS_LR:
@@ -323,8 +442,9 @@ def ${KERNEL}(
     w2_ptr, a2_ptr, b2_ptr, c2_ptr, d2_ptr, bias_ptr, bias1_ptr, bias2_ptr, nw_ptr, out0_ptr, out1_ptr, out2_ptr, ${AUX_PARAMS}
     M, N0, N1, N2, K, row_bytes, n_groups, stride_xm, eps, M_CLASS,
     KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr, HAS_BIAS: tl.constexpr,
-    W: tl.constexpr, PAIR: tl.constexpr, NORM: tl.constexpr,
+    W: tl.constexpr, PAIR: tl.constexpr, NORM: tl.constexpr, WORDS: tl.constexpr, ASM: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr, LS: tl.constexpr, PREFETCH: tl.constexpr, ACC3: tl.constexpr, MAGIC: tl.constexpr,
+    HALF2: tl.constexpr,
 ):
     pid = tl.program_id(0)
     m = tl.program_id(1)
@@ -336,9 +456,9 @@ def ${KERNEL}(
     if PAIR:
         n_mask = offs_n < N
         gate = _gemv_rows(x_ptr, w0_ptr, a0_ptr, b0_ptr, c0_ptr, d0_ptr, offs_n, n_mask, m, K, row_bytes, n_groups,
-                          stride_xm, nw_ptr, rstd, KIND, BITS, GROUP, DQ, BN, BK, LS, PREFETCH, ACC3, MAGIC, NORM)
+                          stride_xm, nw_ptr, rstd, KIND, BITS, GROUP, DQ, BN, BK, LS, PREFETCH, ACC3, MAGIC, NORM, HALF2, WORDS, ASM)
         up = _gemv_rows(x_ptr, w1_ptr, a1_ptr, b1_ptr, c1_ptr, d1_ptr, offs_n, n_mask, m, K, row_bytes, n_groups,
-                        stride_xm, nw_ptr, rstd, KIND, BITS, GROUP, DQ, BN, BK, LS, PREFETCH, ACC3, MAGIC, NORM)
+                        stride_xm, nw_ptr, rstd, KIND, BITS, GROUP, DQ, BN, BK, LS, PREFETCH, ACC3, MAGIC, NORM, HALF2, WORDS, ASM)
         acc = gate * tl.sigmoid(gate) * up
     else:
         # this program's weight, output and rows
@@ -354,7 +474,7 @@ def ${KERNEL}(
                     out_ptr, N, offs_n, bias_ptr = out2_ptr, N2, offs_n - nb1 * BN, bias2_ptr
         n_mask = offs_n < N
         acc = _gemv_rows(x_ptr, w_ptr, a_ptr, b_ptr, c_ptr, d_ptr, offs_n, n_mask, m, K, row_bytes, n_groups,
-                         stride_xm, nw_ptr, rstd, KIND, BITS, GROUP, DQ, BN, BK, LS, PREFETCH, ACC3, MAGIC, NORM)
+                         stride_xm, nw_ptr, rstd, KIND, BITS, GROUP, DQ, BN, BK, LS, PREFETCH, ACC3, MAGIC, NORM, HALF2, WORDS, ASM)
 """
     + ROW_TAIL
 )
@@ -436,21 +556,29 @@ def ${KERNEL}("""
 #: 23.1 µs), ``BN8 BK512 LS1 MAGIC`` (10.1 / 12.8) and the nibble-plane int4 loop (12.6). The
 #: first config (the untuned default) is the fastest int4 one.
 GEMV_CONFIGS = (
-    {"BN": 8, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 1},
-    {"BN": 8, "BK": 512, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 1},
-    {"BN": 4, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 1},
-    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 3},
-    {"BN": 8, "BK": 256, "LS": 4, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 4},
-    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": True, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 3},
-    {"BN": 4, "BK": 1024, "LS": 3, "PREFETCH": True, "ACC3": False, "MAGIC": False, "num_warps": 4, "num_stages": 3},
-    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": True, "ACC3": True, "MAGIC": False, "num_warps": 4, "num_stages": 3},
-    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": True, "ACC3": False, "MAGIC": True, "num_warps": 4, "num_stages": 3},
-    {"BN": 4, "BK": 1024, "LS": 3, "PREFETCH": True, "ACC3": False, "MAGIC": True, "num_warps": 4, "num_stages": 3},
-    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": True, "ACC3": True, "MAGIC": True, "num_warps": 4, "num_stages": 3},
-    {"BN": 16, "BK": 256, "LS": 3, "PREFETCH": True, "ACC3": True, "MAGIC": True, "num_warps": 4, "num_stages": 3},
-    {"BN": 8, "BK": 2048, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "num_warps": 8, "num_stages": 1},
-    {"BN": 16, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": True, "num_warps": 8, "num_stages": 1},
-    {"BN": 4, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": True, "num_warps": 4, "num_stages": 1},
+    {"BN": 8, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": False, "num_warps": 4, "num_stages": 1},
+    {"BN": 8, "BK": 512, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": False, "num_warps": 4, "num_stages": 1},
+    {"BN": 4, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": False, "num_warps": 4, "num_stages": 1},
+    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": False, "num_warps": 4, "num_stages": 3},
+    {"BN": 8, "BK": 256, "LS": 4, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": False, "num_warps": 4, "num_stages": 4},
+    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": True, "ACC3": False, "MAGIC": False, "HALF2": False, "num_warps": 4, "num_stages": 3},
+    {"BN": 4, "BK": 1024, "LS": 3, "PREFETCH": True, "ACC3": False, "MAGIC": False, "HALF2": False, "num_warps": 4, "num_stages": 3},
+    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": True, "ACC3": True, "MAGIC": False, "HALF2": False, "num_warps": 4, "num_stages": 3},
+    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": True, "ACC3": False, "MAGIC": True, "HALF2": False, "num_warps": 4, "num_stages": 3},
+    {"BN": 4, "BK": 1024, "LS": 3, "PREFETCH": True, "ACC3": False, "MAGIC": True, "HALF2": False, "num_warps": 4, "num_stages": 3},
+    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": True, "ACC3": True, "MAGIC": True, "HALF2": False, "num_warps": 4, "num_stages": 3},
+    {"BN": 16, "BK": 256, "LS": 3, "PREFETCH": True, "ACC3": True, "MAGIC": True, "HALF2": False, "num_warps": 4, "num_stages": 3},
+    {"BN": 8, "BK": 2048, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": False, "num_warps": 8, "num_stages": 1},
+    {"BN": 16, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": True, "HALF2": False, "num_warps": 8, "num_stages": 1},
+    {"BN": 4, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": True, "HALF2": False, "num_warps": 4, "num_stages": 1},
+    {"BN": 8, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": True, "num_warps": 4, "num_stages": 1},
+    {"BN": 4, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": True, "num_warps": 4, "num_stages": 1},
+    {"BN": 8, "BK": 2048, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": True, "num_warps": 8, "num_stages": 1},
+    {"BN": 16, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": True, "num_warps": 8, "num_stages": 1},
+    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": True, "num_warps": 4, "num_stages": 3},
+    {"BN": 16, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": True, "num_warps": 4, "num_stages": 1},
+    {"BN": 32, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": True, "num_warps": 8, "num_stages": 1},
+    {"BN": 16, "BK": 2048, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": True, "num_warps": 8, "num_stages": 1},
 )
 
 #: GEMM tuning space: tensor-core tiles up to 128×128 (BK = 128 or 256, multiples of every group
