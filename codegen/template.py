@@ -249,11 +249,11 @@ def build(template: str, name: str, epilogue: Epilogue, configs: tuple[dict, ...
         origin: module the template comes from (written into the generated header).
 
     Returns:
-        The cached :class:`Kernel` for this (template, epilogue, mode).
+        The cached :class:`Kernel` for this (template, epilogue, mode, configs).
     """
     tuned = autotuning()
     interpret = interpreting()
-    cache_key = (template, name, epilogue, tuned, interpret)
+    cache_key = (template, name, epilogue, tuned, interpret, repr(configs))
     if cache_key in _BUILT:
         return _BUILT[cache_key]
     import triton

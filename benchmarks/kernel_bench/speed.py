@@ -115,7 +115,7 @@ def bench_dequant(device, dtype):
             codes, constants, fmt = _buffers(pw)
             x = torch.randn(1, k, device=device, dtype=dtype)
             ours = _cold(functools.partial(make_quant, m=1, n=n, k=k, spec=spec))
-            tuned = _tuned_config(D.gemv_kernel())
+            tuned = _tuned_config(D.gemv_kernel(words=D._word_flags(D.QuantFormat.parse(fmt), x, codes)["WORDS"]))
             gemv_max_m, D.GEMV_MAX_M = D.GEMV_MAX_M, 0  # read at launch, i.e. while the graphs are captured
             try:
                 tc = _cold(functools.partial(make_quant, m=1, n=n, k=k, spec=spec))
@@ -199,7 +199,7 @@ def _gemv_landscape(device, dtype, make_dense, make_quant):
                 if config.get("HALF2") and not spec.startswith("int4"):
                     continue  # the plain loop there (HALF2 is int4's)
                 one = dataclasses.replace(built, fn=raw, configs=(config,), wrapped=False)
-                D._kernel = lambda builder, ep, one=one: one if builder is D.gemv_kernel else saved(builder, ep)
+                D._kernel = lambda builder, ep, *a, one=one: one if builder is D.gemv_kernel else saved(builder, ep, *a)
                 ms = _cold(functools.partial(make_quant, m=1, n=n, k=k, spec=spec))
                 err = (D.quant_linear(x, codes, constants, fmt, k).double() - truth).abs().max().item()
                 label = " ".join(f"{key}{v}" for key, v in config.items() if key != "num_stages")

@@ -76,6 +76,7 @@ __all__ = [
     "DEQUANT_FIRST_M",
     "GEMM_CONFIGS",
     "GEMV_CONFIGS",
+    "gemv_configs",
     "GEMV_MAX_M",
     "GEMV_RELATIVE_RATE",
     "MAX_RANK",
@@ -216,16 +217,24 @@ def gemv_relative_rate(fmt: QuantFormat) -> float:
 _KEY = ("M_CLASS", "N", "K", "R")
 
 
-def gemv_kernel(epilogue: Epilogue = NO_EPILOGUE):
-    """The built GEMV kernel for ``epilogue`` (cached; ``.source`` is the generated code)."""
-    return build(GEMV_TEMPLATE, "_dequant_gemv_kernel", epilogue, GEMV_CONFIGS, _KEY, __name__)
+def gemv_configs(words: bool) -> tuple[dict, ...]:
+    """The GEMV tuning configs for launches with ``WORDS`` true (int4 on fp16: the ``HALF2`` loop,
+    which beat every plain-loop config on an H100, run 8) or false (the plain loop)."""
+    return tuple(c for c in GEMV_CONFIGS if c["HALF2"] == words)
 
 
-def gemv_group_kernel(epilogue: Epilogue = NO_EPILOGUE):
+def gemv_kernel(epilogue: Epilogue = NO_EPILOGUE, words: bool = False):
+    """The built GEMV kernel for ``epilogue`` (cached; ``.source`` is the generated code), tuning
+    over :func:`gemv_configs` of ``words``."""
+    return build(GEMV_TEMPLATE, "_dequant_gemv_kernel", epilogue, gemv_configs(words), _KEY, __name__)
+
+
+def gemv_group_kernel(epilogue: Epilogue = NO_EPILOGUE, words: bool = False):
     """The built grouped GEMV kernel (two or three weights on one input; cached)."""
     return build(
-        GEMV_GROUP_TEMPLATE, "_dequant_gemv_group_kernel", epilogue, GEMV_CONFIGS, ("M_CLASS", "N0", "N1", "K"), __name__
-    )
+        GEMV_GROUP_TEMPLATE, "_dequant_gemv_group_kernel", epilogue, gemv_configs(words), ("M_CLASS", "N0", "N1", "K"),
+        __name__,
+    )  # fmt: skip
 
 
 def gemm_kernel(epilogue: Epilogue = NO_EPILOGUE):
@@ -379,7 +388,7 @@ def quant_linear(
         HAS_LR=down is not None, R_PAD=next_pow2(max(16, r)), **dot_flags(x.dtype), **_word_flags(f, x2, codes),
     )  # fmt: skip
     gemv = m <= GEMV_MAX_M
-    kernel = _kernel(gemv_kernel if gemv else gemm_kernel, ep)
+    kernel = _kernel(gemv_kernel, ep, meta["WORDS"]) if gemv else _kernel(gemm_kernel, ep)
     if gemv:
         grid = lambda meta: (-(-n // meta["BN"]), m)
     else:
@@ -466,7 +475,7 @@ def quant_linear_group(
         meta = {"KIND": f.kind, "BITS": f.bits, "GROUP": max(f.group, 1), "DQ": f.dq, "HAS_BIAS": bool(biases), "W": len(codes),
                 "PAIR": pair, "NORM": norm_weight is not None, **_word_flags(f, x2, *codes)}  # fmt: skip
         grid = lambda meta: (sum(-(-s // meta["BN"]) for s in out_sizes), m)
-        _kernel(gemv_group_kernel, ep).launch(grid, *args, wrap=None if eager else wrap, **meta)
+        _kernel(gemv_group_kernel, ep, meta["WORDS"]).launch(grid, *args, wrap=None if eager else wrap, **meta)
     return [o.view(*x.shape[:-1], o.shape[1]) for o in outs]
 
 
@@ -521,11 +530,12 @@ def _constant_slots(f: QuantFormat, constants) -> list:
 _KERNELS: dict[tuple, object] = {}
 
 
-def _kernel(builder, ep: Epilogue):
-    """``builder(ep)`` (:func:`gemv_kernel`, :func:`gemm_kernel` or :func:`gemv_group_kernel`),
-    cached per (builder, epilogue, tuning switch): no rebuild lookups per launch."""
-    key = (builder, ep, os.environ.get("DECOMP_AUTOTUNE", "1"))
+def _kernel(builder, ep: Epilogue, *args):
+    """``builder(ep, *args)`` (:func:`gemv_kernel`, :func:`gemm_kernel` or :func:`gemv_group_kernel`;
+    ``args``: the GEMV's ``words``), cached per (builder, epilogue, args, tuning switch): no rebuild
+    lookups per launch."""
+    key = (builder, ep, args, os.environ.get("DECOMP_AUTOTUNE", "1"))
     k = _KERNELS.get(key)
     if k is None:
-        k = _KERNELS[key] = builder(ep)
+        k = _KERNELS[key] = builder(ep, *args)
     return k

@@ -571,13 +571,10 @@ GEMV_CONFIGS = (
     {"BN": 8, "BK": 2048, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": False, "num_warps": 8, "num_stages": 1},
     {"BN": 16, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": True, "HALF2": False, "num_warps": 8, "num_stages": 1},
     {"BN": 4, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": True, "HALF2": False, "num_warps": 4, "num_stages": 1},
-    {"BN": 8, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": True, "num_warps": 4, "num_stages": 1},
-    {"BN": 4, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": True, "num_warps": 4, "num_stages": 1},
     {"BN": 8, "BK": 2048, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": True, "num_warps": 8, "num_stages": 1},
-    {"BN": 16, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": True, "num_warps": 8, "num_stages": 1},
-    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": True, "num_warps": 4, "num_stages": 3},
+    {"BN": 4, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": True, "num_warps": 4, "num_stages": 1},
+    {"BN": 8, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": True, "num_warps": 4, "num_stages": 1},
     {"BN": 16, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": True, "num_warps": 4, "num_stages": 1},
-    {"BN": 32, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": True, "num_warps": 8, "num_stages": 1},
     {"BN": 16, "BK": 2048, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": True, "num_warps": 8, "num_stages": 1},
 )
 

@@ -154,7 +154,7 @@ def test_every_gemv_tuning_config(device, close_to_truth, monkeypatch, config, g
     import dataclasses
 
     kernel = dataclasses.replace(D.gemv_kernel(), configs=(gemv_config,))
-    monkeypatch.setattr(D, "_kernel", lambda builder, ep: kernel if builder is D.gemv_kernel else builder(ep))
+    monkeypatch.setattr(D, "_kernel", lambda builder, ep, *a: kernel if builder is D.gemv_kernel else builder(ep, *a))
     inn = 1096
     pw = _packed(config, 24, inn, torch.float16, device)
     codes, constants, spec = _buffers(pw)

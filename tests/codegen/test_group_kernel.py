@@ -160,7 +160,7 @@ def test_every_tuning_config_with_the_norm(device, close_to_truth, monkeypatch, 
 
     kernel = dataclasses.replace(D.gemv_group_kernel(), configs=(gemv_config,))
     real = D._kernel
-    monkeypatch.setattr(D, "_kernel", lambda builder, ep: kernel if builder is D.gemv_group_kernel else real(builder, ep))
+    monkeypatch.setattr(D, "_kernel", lambda builder, ep, *a: kernel if builder is D.gemv_group_kernel else real(builder, ep, *a))
     _check(device, close_to_truth, IntNConfig(4, 32), torch.float16, (24, 8, 8), 1, False, norm=True, inn=1096)
     _check(device, close_to_truth, IntNConfig(4, 32), torch.float16, (16, 16), 2, True, norm=True, inn=1096)
     _check(device, close_to_truth, IntNConfig(4, 32), torch.float16, (24, 8, 8), 1, False, norm=False, inn=1096)
