@@ -111,9 +111,11 @@ def blockdiag_linear_ref(x, blocks, out_features: int, in_index=None, out_pos=No
 
     out_index = None
     if out_pos is not None:  # block row -> output column, back to output column -> block row
-        rows = torch.nonzero(out_pos >= 0).flatten()
-        out_index = torch.empty(out_features, dtype=torch.int32, device=out_pos.device)
-        out_index[out_pos[rows].long()] = rows.int()
+        # a scatter, not nonzero(): no data-dependent shape, so no host sync (CUDA-graph capture, tracing);
+        # rows without an output column (-1) land in a spare last slot
+        slot = torch.where(out_pos >= 0, out_pos, out_features).long()
+        rows = torch.arange(out_pos.numel(), dtype=torch.int32, device=out_pos.device)
+        out_index = torch.empty(out_features + 1, dtype=torch.int32, device=out_pos.device).scatter_(0, slot, rows)[:out_features]
     return reference_epilogue(blockdiag_forward(x, blocks, out_features, in_index, out_index, bias), epilogue, aux)
 
 

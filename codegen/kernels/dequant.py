@@ -16,16 +16,19 @@ column order with ``tl.join`` (no per-element gathers).
 Three paths:
 
 - GEMV (``M ≤`` :data:`GEMV_MAX_M`, batch-1 decode): a program owns ``BN`` output rows of
-  one input row, accumulates ``w ⊙ x`` in fp32 over K and reduces once; no tensor cores. Its
-  bytes are 4× fewer than fp16 for int4, but on the H100 it reads them at 1.0–1.4 TB/s, not the
-  ~3 TB/s the card has (1.6–1.8× the fp16 GEMV instead of 3×; see :data:`GEMV_CONFIGS`).
+  one input row, accumulates per-group sums ``Σ q·x`` over K and applies each group's scale and
+  minimum once; no tensor cores. int4 on fp16 (:func:`gemv_configs`, ``WORDS``) runs the ``HALF2``
+  loop: a 32-bit word of codes decoded two at a time into fp16 pairs and multiplied with one
+  ``fma.f16x2`` (inline PTX), ~2.4 instructions per code against ~6.4 for the fp32 loop — on the
+  H100 (run 8b) 2.56–3.04× the fp16 GEMV at 4096-wide shapes, up from 1.77–2.05× (run 7), with
+  its error vs the fp64 truth 1.2× eager torch's. Other formats and dtypes: the fp32 loop.
 - GEMM (prefill): ``BM × BN`` tiles, the ``BN × BK`` weight tile decoded in the input dtype
   (:func:`_code_values`: no conversion instructions) and fed to ``tl.dot`` (the dequantized tile
   never leaves the chip). At batch 1 its BM = 16 tiles lost to the GEMV on the H100 (run 6:
   11.9 vs 9.6 µs at 4096², 63 vs 20 µs at 4096 × 11008).
 - From :data:`DEQUANT_FIRST_M` rows: the weight decoded once (:func:`dequantize`, one kernel)
-  and multiplied by cuBLAS — the GEMM decodes each weight tile once per row block, and took
-  2.5× dense's time at 512 rows (run 7).
+  and multiplied by cuBLAS — the GEMM decodes each weight tile once per row block (run 8b at
+  512 × 4096 → 4096: GEMM 63.4 µs, decode + cuBLAS 50.8, dense 25.4; at 4096 rows 469 / 289 / 182).
 
 The low-rank term: ``t = x·downᵀ`` (``M × r``, small) is one torch matmul before the launch;
 the kernel adds ``t·upᵀ`` to its accumulator, so the ``M × out`` low-rank output and the add
@@ -105,10 +108,11 @@ MAX_RANK = 256
 
 #: From this many rows on (prefill), the weight is decoded once to a dense matrix
 #: (:func:`dequantize`) and multiplied by cuBLAS, instead of the GEMM kernel decoding every weight
-#: tile once per row block (``M / BM`` times). The GEMM took 63.3 µs at 512 × 4096 → 4096 int4
-#: against fp16 ``F.linear``'s 25.3 (H100, run 7); decoding 4096² once moves ~44 MB (~15–23 µs at
-#: the 2–3 TB/s the card streams), so this path is expected at ~40–50 µs there and the gap to
-#: grow with the rows. Not yet measured on the card (the benchmark times both); read at call time.
+#: tile once per row block (``M / BM`` times). H100, run 8b, int4 g128: at 512 × 4096 → 4096 the
+#: decode takes 15.2 µs and decode + cuBLAS 50.8 against the GEMM's 63.4 (dense fp16 25.4); at 4096
+#: rows 289 against 469 (dense 182). At 512 × 576 → 1536 the GEMM won, 8.4 against 13.2 µs — of
+#: which ~6 µs were an fp32 round trip of the output since removed (``reference_epilogue`` with no
+#: epilogue); not re-measured. Read at call time.
 DEQUANT_FIRST_M = 512
 
 
@@ -193,11 +197,12 @@ class QuantFormat:
 #: The tuned GEMV's HBM rate relative to fp16 ``F.linear``'s at 1 × 4096 → 4096 on an H100 (both
 #: replayed from CUDA graphs with cold weights): the speedup over fp16 divided by the byte ratio, in
 #: the latest of ``benchmarks/results/kernels_h100_run*.txt`` that measured each format (int4 g32:
-#: run 7, 1.77× / 3.20; int4 g128: run 6; the others run 5 — int3 g64 with run 5's tuning space,
-#: which run 4's tiles beat: 0.30 then). The cost model divides a quantized layer's decode bytes by
-#: it on GPU profiles (int3 g64 at 0.19: slower than fp16 despite 4.6× fewer bytes, as measured).
+#: run 8b, the HALF2 loop, 2.62× / 3.20; int4 g128: run 6, before HALF2, which it also takes now —
+#: an underestimate until measured; the others run 5 — int3 g64 with run 5's tuning space, which
+#: run 4's tiles beat: 0.30 then). The cost model divides a quantized layer's decode bytes by it on
+#: GPU profiles (int3 g64 at 0.19: slower than fp16 despite 4.6× fewer bytes, as measured).
 #: A test reads these off the result files. :func:`gemv_relative_rate` for unmeasured formats.
-GEMV_RELATIVE_RATE = {"int8": 0.90, "int4g32": 0.55, "int4g128": 0.45, "int3g64": 0.19, "nf4g64": 0.42}
+GEMV_RELATIVE_RATE = {"int8": 0.90, "int4g32": 0.82, "int4g128": 0.45, "int3g64": 0.19, "nf4g64": 0.42}
 
 
 def gemv_relative_rate(fmt: QuantFormat) -> float:

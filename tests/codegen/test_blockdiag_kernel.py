@@ -66,6 +66,18 @@ def test_reference_is_the_layout_of_passes_blockdiag():
     )
 
 
+def test_reference_has_no_data_dependent_shapes():
+    """The torch path is what the CUDA operator runs past KERNEL_MAX_M rows: inside a CUDA graph
+    (reduce-overhead prefill) a data-dependent op (``nonzero``) is a host sync that fails the
+    capture (H100, run 8). Under fake tensors such an op raises; the reference must not."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, blocks, in_index, _, out_pos, bias = _blocks(37, 100, 120, 8, True, torch.float32, "cpu")
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (x, blocks, in_index, out_pos, bias)]
+        assert K.blockdiag_linear_ref(fake[0], fake[1], 120, *fake[2:]).shape == (37, 120)
+
+
 @pytest.mark.parametrize("epilogue", ["silu,mul", "add"])
 def test_fused_epilogue(device, close_to_truth, epilogue):
     x, blocks, in_index, _, out_pos, bias = _blocks(9, 64, 48, 4, True, torch.float16, device, seed=4)
