@@ -46,6 +46,23 @@ def test_matches_reference(device, close_to_truth, dtype, shape):
     close_to_truth(y, ref, truth, f"{dtype} {shape}")
 
 
+@pytest.mark.parametrize("config", K.STAGE1_BLOCKED_CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_every_blocked_stage1_config(device, close_to_truth, monkeypatch, config):
+    """Each config the tuner may pick for the blocked stage 1 computes the same product: 16 blocks of
+    63 padded inputs (1000 features: several p steps for the small tiles, a ragged last one, the
+    zero padding), 37 rows (a ragged row block)."""
+    if device == "cuda":
+        pytest.skip("the GPU tunes over these configs itself; the interpreter runs one at a time")
+    import dataclasses
+
+    kernel = dataclasses.replace(K.stage1_blocked_kernel(), configs=(config,))
+    monkeypatch.setattr(K, "stage1_blocked_kernel", lambda: kernel)
+    x, L, R, bias = _factors(37, 1000, 256, 16, 1, torch.float16, device)
+    assert K.blocked(R)
+    truth = x.double() @ _dense(L.double(), R.double(), 256, 1000).T + bias.double()
+    close_to_truth(K.monarch_linear(x, L, R, 256, bias), K.monarch_linear_ref(x, L, R, 256, bias), truth, str(config))
+
+
 def test_reference_is_the_layout_of_passes_monarch():
     monarch = pytest.importorskip("passes.monarch")
     x, L, R, bias = _factors(5, 70, 45, 4, 2, torch.float32, "cpu")
