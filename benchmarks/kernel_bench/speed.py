@@ -115,7 +115,8 @@ def bench_dequant(device, dtype):
             codes, constants, fmt = _buffers(pw)
             x = torch.randn(1, k, device=device, dtype=dtype)
             ours = _cold(functools.partial(make_quant, m=1, n=n, k=k, spec=spec))
-            tuned = _tuned_config(D.gemv_kernel(words=D._word_flags(D.QuantFormat.parse(fmt), x, codes)["WORDS"]))
+            words = D._word_flags(D.QuantFormat.parse(fmt), x, codes)["WORDS"]
+            tuned = _tuned_config(D.gemv_kernel(words=words, k_class=D.gemv_k_class(k)))
             gemv_max_m, D.GEMV_MAX_M = D.GEMV_MAX_M, 0  # read at launch, i.e. while the graphs are captured
             try:
                 tc = _cold(functools.partial(make_quant, m=1, n=n, k=k, spec=spec))

@@ -90,6 +90,7 @@ __all__ = [
     "gemm_kernel",
     "gemv_configs",
     "gemv_group_kernel",
+    "gemv_k_class",
     "gemv_kernel",
     "gemv_relative_rate",
     "quant_linear",
@@ -222,23 +223,36 @@ def gemv_relative_rate(fmt: QuantFormat) -> float:
 _KEY = ("M_CLASS", "N", "K", "R")
 
 
-def gemv_configs(words: bool) -> tuple[dict, ...]:
+def gemv_configs(words: bool, k_class: int | None = None) -> tuple[dict, ...]:
     """The GEMV tuning configs for launches with ``WORDS`` true (int4 on fp16: the ``HALF2`` loop,
-    which beat every plain-loop config on an H100, run 8) or false (the plain loop)."""
-    return tuple(c for c in GEMV_CONFIGS if c["HALF2"] == words)
+    which beat every plain-loop config on an H100, run 8) or false (the plain loop); with
+    ``k_class`` (:func:`gemv_k_class` of the row width), without the configs whose ``BK`` exceeds it
+    — their columns past the row are masked work, and at 576 columns the tuner picked a ``BK`` 2048
+    config 0.5 µs slower than its ``BK`` 1024 pick of another run (H100, runs 8 and 8b)."""
+    configs = tuple(c for c in GEMV_CONFIGS if c["HALF2"] == words)
+    if k_class is None:
+        return configs
+    fit = tuple(c for c in configs if c["BK"] <= k_class)
+    smallest = min(c["BK"] for c in configs)
+    return fit or tuple(c for c in configs if c["BK"] == smallest)
 
 
-def gemv_kernel(epilogue: Epilogue = NO_EPILOGUE, words: bool = False):
+def gemv_k_class(cols: int) -> int:
+    """The row width's power-of-two class for :func:`gemv_configs` (capped at the largest ``BK``)."""
+    return min(next_pow2(max(cols, 1)), max(c["BK"] for c in GEMV_CONFIGS))
+
+
+def gemv_kernel(epilogue: Epilogue = NO_EPILOGUE, words: bool = False, k_class: int | None = None):
     """The built GEMV kernel for ``epilogue`` (cached; ``.source`` is the generated code), tuning
-    over :func:`gemv_configs` of ``words``."""
-    return build(GEMV_TEMPLATE, "_dequant_gemv_kernel", epilogue, gemv_configs(words), _KEY, __name__)
+    over :func:`gemv_configs` of ``words`` and ``k_class``."""
+    return build(GEMV_TEMPLATE, "_dequant_gemv_kernel", epilogue, gemv_configs(words, k_class), _KEY, __name__)
 
 
-def gemv_group_kernel(epilogue: Epilogue = NO_EPILOGUE, words: bool = False):
+def gemv_group_kernel(epilogue: Epilogue = NO_EPILOGUE, words: bool = False, k_class: int | None = None):
     """The built grouped GEMV kernel (two or three weights on one input; cached)."""
     return build(
-        GEMV_GROUP_TEMPLATE, "_dequant_gemv_group_kernel", epilogue, gemv_configs(words), ("M_CLASS", "N0", "N1", "K"),
-        __name__,
+        GEMV_GROUP_TEMPLATE, "_dequant_gemv_group_kernel", epilogue, gemv_configs(words, k_class),
+        ("M_CLASS", "N0", "N1", "K"), __name__,
     )  # fmt: skip
 
 
@@ -393,7 +407,7 @@ def quant_linear(
         HAS_LR=down is not None, R_PAD=next_pow2(max(16, r)), **dot_flags(x.dtype), **_word_flags(f, x2, codes),
     )  # fmt: skip
     gemv = m <= GEMV_MAX_M
-    kernel = _kernel(gemv_kernel, ep, meta["WORDS"]) if gemv else _kernel(gemm_kernel, ep)
+    kernel = _kernel(gemv_kernel, ep, meta["WORDS"], gemv_k_class(cols)) if gemv else _kernel(gemm_kernel, ep)
     if gemv:
         grid = lambda meta: (-(-n // meta["BN"]), m)
     else:
@@ -480,7 +494,9 @@ def quant_linear_group(
         meta = {"KIND": f.kind, "BITS": f.bits, "GROUP": max(f.group, 1), "DQ": f.dq, "HAS_BIAS": bool(biases), "W": len(codes),
                 "PAIR": pair, "NORM": norm_weight is not None, **_word_flags(f, x2, *codes)}  # fmt: skip
         grid = lambda meta: (sum(-(-s // meta["BN"]) for s in out_sizes), m)
-        _kernel(gemv_group_kernel, ep, meta["WORDS"]).launch(grid, *args, wrap=None if eager else wrap, **meta)
+        _kernel(gemv_group_kernel, ep, meta["WORDS"], gemv_k_class(cols)).launch(
+            grid, *args, wrap=None if eager else wrap, **meta
+        )
     return [o.view(*x.shape[:-1], o.shape[1]) for o in outs]
 
 
@@ -537,7 +553,7 @@ _KERNELS: dict[tuple, object] = {}
 
 def _kernel(builder, ep: Epilogue, *args):
     """``builder(ep, *args)`` (:func:`gemv_kernel`, :func:`gemm_kernel` or :func:`gemv_group_kernel`;
-    ``args``: the GEMV's ``words``), cached per (builder, epilogue, args, tuning switch): no rebuild
+    ``args``: the GEMV's ``words`` and ``k_class``), cached per (builder, epilogue, args, tuning switch): no rebuild
     lookups per launch."""
     key = (builder, ep, args, os.environ.get("DECOMP_AUTOTUNE", "1"))
     k = _KERNELS.get(key)
