@@ -237,9 +237,12 @@ def gemv_configs(words: bool, k_class: int | None = None) -> tuple[dict, ...]:
     return fit or tuple(c for c in configs if c["BK"] == smallest)
 
 
+_WIDEST_BK = max(c["BK"] for c in GEMV_CONFIGS)
+
+
 def gemv_k_class(cols: int) -> int:
     """The row width's power-of-two class for :func:`gemv_configs` (capped at the largest ``BK``)."""
-    return min(next_pow2(max(cols, 1)), max(c["BK"] for c in GEMV_CONFIGS))
+    return min(next_pow2(max(cols, 1)), _WIDEST_BK)
 
 
 def gemv_kernel(epilogue: Epilogue = NO_EPILOGUE, words: bool = False, k_class: int | None = None):
