@@ -525,12 +525,12 @@ def _dequantize(f: QuantFormat, codes, constants, cols: int, n_groups: int, dtyp
 
 
 def _word_flags(f: QuantFormat, x, *codes) -> dict:
-    """The GEMV's ``HALF2`` configs' preconditions: ``WORDS`` — fp16 rows ``x`` (2-D) of a width that is a multiple of 8,
-    an even stride and offset (read as fp16 pairs) and int4 group codes whose rows start 4-byte aligned
-    (read as 32-bit words); ``ASM`` — compiled for a GPU (the
-    interpreter runs no PTX: it takes the same arithmetic in Triton ops). Without ``WORDS`` those
-    configs run the plain loop. (Storage offsets, not ``data_ptr``: traced fake tensors have none;
-    torch allocates storages aligned.)"""
+    """The GEMV's ``HALF2`` loop's preconditions. ``WORDS``: fp16 rows ``x`` (2-D) of a width that is
+    a multiple of 8 with an even stride and offset (read as fp16 pairs), int4 group codes whose rows
+    start 4-byte aligned (read as 32-bit words), and not a ROCm build (the loop's inline asm is PTX).
+    ``ASM``: compiled for a GPU (the interpreter runs no PTX: it takes the same arithmetic in Triton
+    ops). Without ``WORDS`` the plain loop runs. (Storage offsets, not ``data_ptr``: traced fake
+    tensors have none; torch allocates storages aligned.)"""
     words = (
         f.kind == 0
         and f.bits == 4
@@ -539,6 +539,7 @@ def _word_flags(f: QuantFormat, x, *codes) -> dict:
         and x.stride(0) % 2 == 0
         and x.storage_offset() % 2 == 0
         and all(c.shape[1] % 4 == 0 and c.storage_offset() % 4 == 0 for c in codes)
+        and torch.version.hip is None
     )
     return {"WORDS": words, "ASM": not interpreting()}
 

@@ -269,3 +269,19 @@ def test_gemv_tunes_only_over_tiles_that_fit_the_row(monkeypatch):
     monkeypatch.setattr(template.Kernel, "launch", lambda self, grid, *args, wrap=None, **kw: None)
     D.quant_linear(torch.randn(1, 576).half(), codes, constants, spec, 576)
     assert seen == [(D.gemv_kernel, (True, 1024))]
+
+
+def test_half2_loop_only_where_its_reads_are_aligned(monkeypatch):
+    """The HALF2 loop reads x as fp16 pairs and the codes as 32-bit words, through PTX: fp16 only,
+    int4 group codes only, widths a multiple of 8, even offsets, and not on ROCm."""
+    codes, _, _ = _buffers(_packed(IntNConfig(4, 32), 16, 64, torch.float16, "cpu"))
+    int4 = D.QuantFormat.parse("int4g32")
+    x = torch.randn(2, 72).half()
+    assert D._word_flags(int4, x[:, :64], codes)["WORDS"]  # a strided view with an even stride
+    assert not D._word_flags(int4, x[:, 1:65], codes)["WORDS"]  # odd offset: pairs straddle 4-byte words
+    assert not D._word_flags(int4, x[:, :60], codes)["WORDS"]  # width not a multiple of 8
+    assert not D._word_flags(int4, x[:, :64].bfloat16(), codes)["WORDS"]
+    assert not D._word_flags(D.QuantFormat.parse("int3g64"), x[:, :64], codes)["WORDS"]
+    assert not D._word_flags(int4, x[:, :64], codes[:, 1:])["WORDS"]  # code rows off 4-byte alignment
+    monkeypatch.setattr(torch.version, "hip", "6.0")
+    assert not D._word_flags(int4, x[:, :64], codes)["WORDS"]
