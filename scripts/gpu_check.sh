@@ -24,4 +24,10 @@ if [ "${SKIP_PYTEST:-0}" != 1 ]; then
   echo "pytest exit $?" >> "$OUT/pytest_gpu.txt"
   tail -3 "$OUT/pytest_gpu.txt"
 fi
+# the int4 GEMV's HALF2 loop is inline PTX, which the CPU interpreter cannot run: each of its configs
+# on the card, alone and grouped (with the norm folded in); ~10 s
+DECOMP_AUTOTUNE=0 timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/codegen/test_dequant_kernel.py \
+  tests/codegen/test_group_kernel.py -k "tuning_config and HALF2True" > "$OUT/pytest_half2.txt" 2>&1
+echo "pytest exit $?" >> "$OUT/pytest_half2.txt"
+tail -2 "$OUT/pytest_half2.txt"
 timeout $((BUDGET + 250)) "$PY" benchmarks/kernels.py --e2e --budget-s "$BUDGET" "${@:2}" 2>&1 | tee "$OUT/kernels.txt"
