@@ -239,12 +239,15 @@ STAGE1_BLOCKED_CONFIGS = (
     {"BM": 64, "BJ": 16, "BI": 16, "BP": 32, "num_warps": 8, "num_stages": 2},
     {"BM": 32, "BJ": 16, "BI": 32, "BP": 32, "num_warps": 8, "num_stages": 2},
     {"BM": 16, "BJ": 32, "BI": 16, "BP": 32, "num_warps": 4, "num_stages": 2},
-    # small tiles, pipelined over p: 2–4× the programs per SM of the ones above (65–98 KB of shared
-    # memory and 128–194 registers a thread there, sm_90), for the n = 4096 prefill rows where this
-    # stage streamed ~1.05 TB/s against stage 2's ~2.4 (H100, run 7); not yet timed on the card
+    # small tiles, pipelined over p: more programs per SM than the ones above (32–49 KB of shared
+    # memory and 72–128 registers a thread against 65–98 KB and 128–194, sm_90), for the n = 4096
+    # prefill rows where this stage streamed ~1.05 TB/s against stage 2's ~2.4 (H100, run 7); not
+    # yet timed on the card
     {"BM": 16, "BJ": 16, "BI": 16, "BP": 16, "num_warps": 4, "num_stages": 3},
     {"BM": 32, "BJ": 16, "BI": 16, "BP": 16, "num_warps": 4, "num_stages": 3},
     {"BM": 16, "BJ": 16, "BI": 32, "BP": 16, "num_warps": 4, "num_stages": 3},
+    # ... and every output of a block in one program: x read once (b/BI programs read each x tile)
+    {"BM": 16, "BJ": 16, "BI": 64, "BP": 16, "num_warps": 8, "num_stages": 2},
 )
 
 STAGE1_CONFIGS = (
