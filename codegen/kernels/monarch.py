@@ -248,6 +248,9 @@ STAGE1_BLOCKED_CONFIGS = (
     {"BM": 16, "BJ": 16, "BI": 32, "BP": 16, "num_warps": 4, "num_stages": 3},
     # ... and every output of a block in one program: x read once (b/BI programs read each x tile)
     {"BM": 16, "BJ": 16, "BI": 64, "BP": 16, "num_warps": 8, "num_stages": 2},
+    # ... and all 64 input blocks of a 64-block factor in one program: each (row, output) stores
+    # its 64 values as one 128-byte run instead of four 32-byte ones (64 KB, 137 registers)
+    {"BM": 16, "BJ": 64, "BI": 16, "BP": 16, "num_warps": 8, "num_stages": 2},
 )
 
 STAGE1_CONFIGS = (
