@@ -407,13 +407,14 @@ def quant_linear(
     )  # fmt: skip
     meta = dict(
         KIND=f.kind, BITS=f.bits, GROUP=max(f.group, 1), DQ=f.dq, HAS_BIAS=bias is not None,
-        HAS_LR=down is not None, R_PAD=next_pow2(max(16, r)), **dot_flags(x.dtype), **_word_flags(f, x2, codes),
+        HAS_LR=down is not None, R_PAD=next_pow2(max(16, r)), **dot_flags(x.dtype),
     )  # fmt: skip
-    gemv = m <= GEMV_MAX_M
-    kernel = _kernel(gemv_kernel, ep, meta["WORDS"], gemv_k_class(cols)) if gemv else _kernel(gemm_kernel, ep)
-    if gemv:
+    if m <= GEMV_MAX_M:
+        meta |= _word_flags(f, x2, codes)
+        kernel = _kernel(gemv_kernel, ep, meta["WORDS"], gemv_k_class(cols))
         grid = lambda meta: (-(-n // meta["BN"]), m)
     else:
+        kernel = _kernel(gemm_kernel, ep)
         grid = lambda meta: (-(-m // meta["BM"]), -(-n // meta["BN"]))
     # a direct launch in eager mode (wrap_triton only matters while tracing)
     kernel.launch(grid, *args, wrap=None if eager else wrap, **meta)

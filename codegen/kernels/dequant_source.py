@@ -395,8 +395,7 @@ _PARAMS = """
     x_ptr, codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, bias_ptr, t_ptr, up_ptr, out_ptr, ${AUX_PARAMS}
     M, N, K, R, row_bytes, n_groups, stride_xm, M_CLASS,
     KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, DQ: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    WORDS: tl.constexpr, ASM: tl.constexpr,"""
+    HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,"""
 
 GEMV_TEMPLATE = (
     _HELPERS
@@ -406,6 +405,7 @@ GEMV_TEMPLATE = (
 def ${KERNEL}("""
     + _PARAMS
     + """
+    WORDS: tl.constexpr, ASM: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr, LS: tl.constexpr, PREFETCH: tl.constexpr, ACC3: tl.constexpr, MAGIC: tl.constexpr,
     HALF2: tl.constexpr,
 ):
