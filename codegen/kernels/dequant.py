@@ -37,8 +37,9 @@ never go through global memory.
 ``BK`` (128 or 256) is a multiple of every group size: a tile's constants are a
 ``BN × BK/group`` block, broadcast over the group's columns.
 
-The Triton source (templates, ``@triton.jit`` helpers, tuning spaces) is in
-:mod:`codegen.kernels.dequant_source`; this module parses formats, builds and launches.
+The Triton source (templates, ``@triton.jit`` helpers) is in :mod:`codegen.kernels.dequant_source`,
+the tuning spaces in :mod:`codegen.kernels.dequant_tuning`; this module parses formats, builds and
+launches.
 """
 
 from __future__ import annotations
@@ -63,15 +64,13 @@ from codegen.kernels.common import (
 )
 from codegen.kernels.dequant_source import (
     CONSTANT_BLOCK,
-    DEQUANT_CONFIGS,
     DEQUANT_TEMPLATE,
-    GEMM_CONFIGS,
     GEMM_TEMPLATE,
-    GEMV_CONFIGS,
     GEMV_GROUP_TEMPLATE,
     GEMV_TEMPLATE,
     NF4_VALUES,
 )
+from codegen.kernels.dequant_tuning import DEQUANT_CONFIGS, GEMM_CONFIGS, GEMV_CONFIGS
 from codegen.template import NO_EPILOGUE, Epilogue, build, interpreting, shape_class
 
 __all__ = [

@@ -1,10 +1,12 @@
-"""The Triton source of the dequantize-and-multiply kernels, and their tuning spaces.
+"""The Triton source of the dequantize-and-multiply kernels.
 
 :mod:`codegen.kernels.dequant` builds kernels from these templates (``codegen.template.build``)
-and launches them; the formats, the two paths (GEMV for decode, GEMM for prefill) and the
-stored layout they read are described there. Here: the shared ``@triton.jit`` helpers (code
-unpacking, group constants, decoding in the input dtype), the GEMV and GEMM templates with their
-``${EPILOGUE}`` slot, and the configs the autotuner chooses from.
+and launches them; the formats, the paths (GEMV for decode, GEMM for prefill, the weight decoded
+once) and the stored layout they read are described there. Here: the shared ``@triton.jit``
+helpers (code unpacking, group constants, decoding in the input dtype, the HALF2 loop's PTX), the
+GEMV, GEMM and weight-decoding templates with their ``${EPILOGUE}`` slot. The configs the
+autotuner chooses from, and what the H100 runs measured of them, are in
+:mod:`codegen.kernels.dequant_tuning`.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ from codegen.kernels.common import DOT_HELPER, ROW_TAIL, tile_tail
 
 __all__ = [
     "CONSTANT_BLOCK",
-    "GEMM_CONFIGS",
+    "DEQUANT_TEMPLATE",
     "GEMM_TEMPLATE",
-    "GEMV_CONFIGS",
     "GEMV_GROUP_TEMPLATE",
     "GEMV_TEMPLATE",
+    "HALF2_ASM",
     "NF4_VALUES",
 ]
 
@@ -316,7 +318,7 @@ def _gemv_rows(x_ptr, codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask,
         part = tl.zeros((BN, BK // GROUP, GROUP), dtype=tl.float32)
     else:
         part = tl.zeros((BN, BK // GROUP), dtype=tl.float32)
-    # Variants (LS, PREFETCH, ACC3, MAGIC): see GEMV_CONFIGS. LS > 1 pipelines the code and x loads
+    # Variants (LS, PREFETCH, ACC3, MAGIC, HALF2): see dequant_tuning.GEMV_CONFIGS. LS > 1 pipelines the code and x loads
     # through shared memory (the kernel-level num_stages only pipelines loads that feed a tl.dot).
     if KIND != 2 and PREFETCH:
         s_next, mn_next = _group_constants(c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask, 0, n_groups,
@@ -521,90 +523,6 @@ def ${KERNEL}("""
     + tile_tail("    ")
 )
 
-#: GEMV tuning space (the first is the untuned default). Batch-1 decode reads each weight byte once,
-#: so the tiles are sized for memory-level parallelism: 1–4 KB of int4 codes per program and
-#: iteration, few rows per program so that a 4096-row weight gives 256–2048 programs. What the
-#: H100 showed (runs 4–6: ~1.2 TB/s whatever the tiles) and the compiled loop explains (sm_90 SASS,
-#: ``benchmarks/kernels_aot.py``): every iteration waited on its loads, and each code cost ~7
-#: instructions, two of them conversions (int→fp32 at a quarter of the FMA rate, x fp16→fp32).
-#: The switches below are variants of the same arithmetic for the tuner to choose between, by
-#: measurement on the card it runs on (each is checked against the reference in the tests):
-#:
-#: - ``LS``: a loop-level ``num_stages`` (iterations in flight; 1 = none). On its own it did not
-#:   move the 4096-wide rows (run 5: 8.9 vs 8.5 µs) and slowed the 576-wide ones (2.9 vs 2.5 µs),
-#:   because the group constants, too narrow for async copies, stayed a load waited on per step.
-#: - ``PREFETCH``: those constants issued one iteration ahead, widened only where used.
-#: - ``ACC3``: accumulate ``w·x`` per code in a ``(BN, BK/GROUP, GROUP)`` tile and reduce once after
-#:   the loop, instead of a per-group reduction (and its layout conversion) every iteration.
-#: - ``MAGIC``: codes to fp32 through :func:`_code_values` (two full-rate instructions) instead of
-#:   a conversion.
-#:
-#: - Larger tiles per iteration (``BK`` 1024–2048): bytes in flight. A 4096-row weight with BN = 8 is
-#:   512 programs, ~4 per SM on an H100, each with one 2 KB load of codes outstanding: ~8 KB in
-#:   flight per SM where ~18 KB (HBM3's ~3.3 TB/s × ~0.7 µs latency / 132 SMs) would be needed to
-#:   stream at full speed — consistent with the ~1.2 TB/s measured. 4–8 KB per iteration, 72–79
-#:   registers a thread and no spills (sm_90, ``kernels_aot.py``; 60 for the default).
-#:
-#: - The per-code cost, from the SASS (``kernels_aot.py``): the plain int4 loop is 221 instructions a
-#:   thread for 32 codes, 32 of them ``I2FP`` conversions (an eighth of the FMA rate on sm_90);
-#:   ``MAGIC`` removes them (all full-rate instructions).
-#:
-#: Run 7 (H100, every config alone at 4096², cold weights): the plain wide tiles win for int4
-#: (``BN8 BK1024 LS1`` 8.1 µs, ``BN8 BK2048 LS1 w8`` 8.2, ``BN4 BK1024 LS1`` 8.5; the pipelined
-#: ``BN8 BK512 LS3`` 8.8), and none of the stall-removing variants helps (prefetch 9.0, ``MAGIC``
-#: 8.6–10.1, ``ACC3`` 9.2–9.5); int8, twice the bytes for the same codes, runs in the same
-#: 8.5–8.9 µs at 1.9 TB/s — the loop is bound by work per code at this occupancy, not by its bytes
-#: or one stall. Dropped after it, as the slowest for both formats: ``BN16 BK256 LS1`` (15.6 /
-#: 23.1 µs), ``BN8 BK512 LS1 MAGIC`` (10.1 / 12.8) and the nibble-plane int4 loop (12.6). The
-#: first config (the untuned default) is the fastest int4 one.
-#:
-#: - ``HALF2`` (int4 on fp16 only, ``WORDS``): codes read as 32-bit words and decoded two at a time
-#:   into fp16 pairs by ``HALF2_ASM`` (``prmt``/``lop3``/``sub.f16x2``/``fma.f16x2``): 275 SASS
-#:   instructions a thread per 64 codes against 410 (``kernels_aot.py``). Run 8 (H100, alone at
-#:   4096², cold): ``BN8 BK2048 w8`` 6.0 µs = 2.74× fp16 (the fp32 loop's best: 8.1–8.2), ``BN16
-#:   BK2048 w8`` 6.6, ``BN4 BK1024`` 6.7, ``BN8 BK1024`` 6.8, ``BN16 BK1024 w4`` 7.5; dropped after
-#:   it: ``BN16 BK1024 w8`` 14.4, ``BN32 BK1024 w8`` 12.7, ``BN8 BK512 LS3`` 9.9. Error vs the fp64
-#:   truth 0.0016 against eager torch's 0.0013 (fp16 products, four-term fp16 sums per lane).
-#:   Launches with ``WORDS`` tune over the HALF2 configs only, the others over the rest
-#:   (:func:`codegen.kernels.dequant.gemv_configs`); the first of each is its untuned default.
-GEMV_CONFIGS = (
-    {"BN": 8, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": False, "num_warps": 4, "num_stages": 1},
-    {"BN": 8, "BK": 512, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": False, "num_warps": 4, "num_stages": 1},
-    {"BN": 4, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": False, "num_warps": 4, "num_stages": 1},
-    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": False, "num_warps": 4, "num_stages": 3},
-    {"BN": 8, "BK": 256, "LS": 4, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": False, "num_warps": 4, "num_stages": 4},
-    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": True, "ACC3": False, "MAGIC": False, "HALF2": False, "num_warps": 4, "num_stages": 3},
-    {"BN": 4, "BK": 1024, "LS": 3, "PREFETCH": True, "ACC3": False, "MAGIC": False, "HALF2": False, "num_warps": 4, "num_stages": 3},
-    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": True, "ACC3": True, "MAGIC": False, "HALF2": False, "num_warps": 4, "num_stages": 3},
-    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": True, "ACC3": False, "MAGIC": True, "HALF2": False, "num_warps": 4, "num_stages": 3},
-    {"BN": 4, "BK": 1024, "LS": 3, "PREFETCH": True, "ACC3": False, "MAGIC": True, "HALF2": False, "num_warps": 4, "num_stages": 3},
-    {"BN": 8, "BK": 512, "LS": 3, "PREFETCH": True, "ACC3": True, "MAGIC": True, "HALF2": False, "num_warps": 4, "num_stages": 3},
-    {"BN": 16, "BK": 256, "LS": 3, "PREFETCH": True, "ACC3": True, "MAGIC": True, "HALF2": False, "num_warps": 4, "num_stages": 3},
-    {"BN": 8, "BK": 2048, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": False, "num_warps": 8, "num_stages": 1},
-    {"BN": 16, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": True, "HALF2": False, "num_warps": 8, "num_stages": 1},
-    {"BN": 4, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": True, "HALF2": False, "num_warps": 4, "num_stages": 1},
-    {"BN": 8, "BK": 2048, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": True, "num_warps": 8, "num_stages": 1},
-    {"BN": 4, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": True, "num_warps": 4, "num_stages": 1},
-    {"BN": 8, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": True, "num_warps": 4, "num_stages": 1},
-    {"BN": 16, "BK": 1024, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": True, "num_warps": 4, "num_stages": 1},
-    {"BN": 16, "BK": 2048, "LS": 1, "PREFETCH": False, "ACC3": False, "MAGIC": False, "HALF2": True, "num_warps": 8, "num_stages": 1},
-)
-
-#: GEMM tuning space: tensor-core tiles up to 128×128 (BK = 128 or 256, multiples of every group
-#: size), and BM = 16 tiles for a few rows (decode on tensor cores: the tile is decoded in the
-#: input dtype and fed to ``tl.dot`` as is, so no per-weight conversion instructions).
-GEMM_CONFIGS = (
-    {"BM": 64, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3},
-    {"BM": 128, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 3},
-    {"BM": 64, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 3},
-    {"BM": 128, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 4},
-    {"BM": 32, "BN": 128, "BK": 128, "num_warps": 8, "num_stages": 4},
-    {"BM": 16, "BN": 128, "BK": 128, "num_warps": 4, "num_stages": 4},
-    {"BM": 16, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 4},
-    {"BM": 16, "BN": 32, "BK": 256, "num_warps": 4, "num_stages": 4},
-    {"BM": 16, "BN": 64, "BK": 256, "num_warps": 4, "num_stages": 3},
-)
-
 #: The weight decoded once to a dense ``(N, K)`` matrix in the input dtype (the prefill path from
 #: ``DEQUANT_FIRST_M`` rows: then one cuBLAS matmul). Decoded in fp32 and rounded once, as the
 #: reference's ``dequantize_ref(...).to(dtype)`` is.
@@ -626,12 +544,4 @@ def ${KERNEL}(
     tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(w_ptr.dtype.element_ty),
              mask=n_mask[:, None] & (offs_k < K)[None, :])
 """
-)
-
-#: Dequantization tiles (``BK`` a multiple of every group size and of int3's 8-code words).
-DEQUANT_CONFIGS = (
-    {"BN": 32, "BK": 256, "num_warps": 4, "num_stages": 1},
-    {"BN": 64, "BK": 128, "num_warps": 4, "num_stages": 1},
-    {"BN": 16, "BK": 256, "num_warps": 4, "num_stages": 1},
-    {"BN": 64, "BK": 256, "num_warps": 8, "num_stages": 1},
 )
