@@ -235,14 +235,12 @@ def _rms_x(x, nw_ptr, offs, mask, rstd):
     return (w.to(tl.float32) * xr.to(tl.float32)).to(x.dtype)
 
 @triton.jit
-def _half2_x(x_ptr, m, K, stride_xm, k0, nw_ptr, rstd, BK: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr):
-    """x[m, k0 … k0 + BK] as the HALF2 loop takes it: four int32 ``(BK/8,)`` tensors, the k-th holding
-    the fp16 pair (x[8u + 2k], x[8u + 2k + 1]) of word u (low, high half), and Σx per group (fp32,
-    ``(BK/GROUP,)``). ``NORM``: the RMSNorm applied first (``_rms_x``)."""
+def _half2_x_norm(x_ptr, m, K, stride_xm, k0, nw_ptr, rstd, BK: tl.constexpr, GROUP: tl.constexpr):
+    """x[m, k0 … k0 + BK], RMS-normalised (``_rms_x``), as the HALF2 loop takes it: four int32
+    ``(BK/8,)`` tensors, the k-th holding the fp16 pair (x[8u + 2k], x[8u + 2k + 1]) of word u (low,
+    high half), and Σx per group (fp32, ``(BK/GROUP,)``)."""
     offs = k0 + tl.arange(0, BK // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
-    x8 = tl.load(x_ptr + m * stride_xm + offs, mask=offs < K, other=0.0)
-    if NORM:
-        x8 = _rms_x(x8, nw_ptr, offs, offs < K, rstd)
+    x8 = _rms_x(tl.load(x_ptr + m * stride_xm + offs, mask=offs < K, other=0.0), nw_ptr, offs, offs < K, rstd)
     xsum = tl.sum(tl.reshape(tl.sum(x8.to(tl.float32), axis=1), (BK // GROUP, GROUP // 8)), axis=1)
     bits = x8.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     lo, hi = tl.split(tl.reshape(bits, (BK // 8, 4, 2)))
@@ -254,7 +252,7 @@ def _half2_x(x_ptr, m, K, stride_xm, k0, nw_ptr, rstd, BK: tl.constexpr, GROUP: 
 
 @triton.jit
 def _half2_x_rows(x_ptr, m, K, stride_xm, k0, BK: tl.constexpr, GROUP: tl.constexpr):
-    """``_half2_x`` without the RMSNorm: pair k of word u is the 32-bit value at x + 8u + 2k, loaded
+    """``_half2_x_norm`` without the RMSNorm: pair k of word u is the 32-bit value at x + 8u + 2k, loaded
     as stored (no fp16 unpacking and repacking), as ``(1, BK/8)`` tensors. The compiler still moves
     them into the words' layout through shared memory (8 of the loop's 12 barriers, sm_90 SASS);
     loading them in that layout directly (every row's thread its own copy) cost more instructions
@@ -340,7 +338,7 @@ def _gemv_rows(x_ptr, codes_ptr, c0_ptr, c1_ptr, c2_ptr, c3_ptr, offs_n, n_mask,
         elif HALF2 and WORDS:
             # int4 codes a 32-bit word (8 codes) at a time, x as fp16 pairs: y = 16·s·Σ((q−8)/16)·x + (min + 8·s)·Σx
             if NORM:
-                x0, x1, x2, x3, xsum = _half2_x(x_ptr, m, K, stride_xm, k0, nw_ptr, rstd, BK, GROUP, NORM)
+                x0, x1, x2, x3, xsum = _half2_x_norm(x_ptr, m, K, stride_xm, k0, nw_ptr, rstd, BK, GROUP)
                 x0, x1, x2, x3 = x0[None, :], x1[None, :], x2[None, :], x3[None, :]
             else:
                 x0, x1, x2, x3, xsum = _half2_x_rows(x_ptr, m, K, stride_xm, k0, BK, GROUP)
