@@ -151,10 +151,12 @@ def variants(quick: bool):
             out.append((f"blockdiag {dt} permuted={permuted}", blockdiag.kernel(ep), {"default": TY[dt], "in_index_ptr": "*i32",
                         "out_pos_ptr": "*i32"}, {**flags, "HAS_BIAS": True, "GATHER": permuted, "SCATTER": permuted},
                         blockdiag.CONFIGS if full else blockdiag.CONFIGS[:1]))  # fmt: skip
-        out.append((f"monarch stage1 {dt}", monarch.stage1_kernel(), {"default": TY[dt]}, flags,
-                    monarch.STAGE1_CONFIGS if full else monarch.STAGE1_CONFIGS[:1]))  # fmt: skip
-        out.append((f"monarch stage2 {dt}", monarch.stage2_kernel(ep), {"default": TY[dt]}, {**flags, "HAS_BIAS": True},
-                    monarch.STAGE2_CONFIGS if full else monarch.STAGE2_CONFIGS[:1]))  # fmt: skip
+        for rows_last in (False, True) if full else (False,):
+            out.append((f"monarch stage1 {dt} rows_last={rows_last}", monarch.stage1_kernel(), {"default": TY[dt]},
+                        {**flags, "ROWS_LAST": rows_last}, monarch.STAGE1_CONFIGS if full else monarch.STAGE1_CONFIGS[:1]))  # fmt: skip
+            out.append((f"monarch stage2 {dt} rows_last={rows_last}", monarch.stage2_kernel(ep), {"default": TY[dt]},
+                        {**flags, "HAS_BIAS": True, "ROWS_LAST": rows_last},
+                        monarch.STAGE2_CONFIGS if full else monarch.STAGE2_CONFIGS[:1]))  # fmt: skip
         out.append((f"monarch stage1 blocked {dt}", monarch.stage1_blocked_kernel(), {"default": TY[dt]}, flags,
                     monarch.STAGE1_BLOCKED_CONFIGS if full else monarch.STAGE1_BLOCKED_CONFIGS[:1]))  # fmt: skip
         for bb, bp in ((64, 64), (64, 128), (4, 1024)) if full else ((64, 64),):
@@ -252,6 +254,14 @@ class _StubDriver:
         return GPUTarget("cuda", self.arch, 32)
 
 
+def _rows_last(monarch, *args):
+    """``monarch_linear`` with the rows-last intermediate (the other layout)."""
+    from unittest import mock
+
+    with mock.patch.object(monarch, "INTERMEDIATE", "rows_last"):
+        return monarch.monarch_linear(*args)
+
+
 def launch_cases():
     """(label, call) for each launch path of the operators, on CPU tensors (values do not matter)."""
     import torch
@@ -322,6 +332,9 @@ def launch_cases():
         for m in (1, 256):
             x = torch.randn(m, 512).to(dt)
             cases.append((f"monarch_linear m={m} {dt}", lambda x=x, L=L, R=R: monarch.monarch_linear(x, L, R, 512)))
+            if m > monarch.GEMV_MAX_ROWS:
+                cases.append((f"monarch_linear m={m} {dt} rows-last intermediate",
+                              lambda x=x, L=L, R=R: _rows_last(monarch, x, L, R, 512)))  # fmt: skip
             cases.append(
                 (
                     f"monarch_linear m={m} {dt} bias",
@@ -375,7 +388,10 @@ def launch_check(arch: int) -> int:
                 call()
             except Exception as e:  # noqa: BLE001 — report every failing launch, then fail
                 failures.append(label)
-                print(f"FAIL  {label}: {type(e).__name__}: {str(e)[:3000] if os.environ.get('AOT_VERBOSE') else str(e).splitlines()[0][:300]}", flush=True)
+                print(
+                    f"FAIL  {label}: {type(e).__name__}: {str(e)[:3000] if os.environ.get('AOT_VERBOSE') else str(e).splitlines()[0][:300]}",
+                    flush=True,
+                )
                 continue
             print(f"ok    {label}: {', '.join(stub.launched[before:])}", flush=True)
     finally:
@@ -408,7 +424,10 @@ def main(argv=None) -> int:
                 compiled = _compile(kernel, pointers, consts, config, args.arch)
             except Exception as e:  # noqa: BLE001 — report every failing variant, then fail
                 failures.append(name)
-                print(f"FAIL  {name}: {type(e).__name__}: {str(e)[:3000] if os.environ.get('AOT_VERBOSE') else str(e).splitlines()[0][:300]}", flush=True)
+                print(
+                    f"FAIL  {name}: {type(e).__name__}: {str(e)[:3000] if os.environ.get('AOT_VERBOSE') else str(e).splitlines()[0][:300]}",
+                    flush=True,
+                )
                 continue
             shared = compiled.metadata.shared
             over = shared > limit

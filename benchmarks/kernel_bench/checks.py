@@ -4,6 +4,7 @@ rewritten modules and ``torch.compile(backend="decomp")`` with epilogue fusion a
 from __future__ import annotations
 
 import time
+import unittest.mock
 
 import torch
 import torch.nn.functional as F
@@ -82,14 +83,16 @@ def check_monarch(device):
     from codegen.kernels import monarch as K
 
     g = torch.Generator().manual_seed(2)
-    shapes = [(1, 1024, 1024, 32, 1), (64, 70, 45, 4, 2)]
+    shapes = [(1, 1024, 1024, 32, 1), (64, 70, 45, 4, 2), (37, 300, 260, 16, 1)]
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for m, inn, out, b, k in shapes + [(256, 4096, 4096, 64, 1)] if dtype == torch.float16 else shapes[1:]:
             p, s = -(-inn // b), -(-out // b)
             L, R = (torch.randn(b, s, b * k, generator=g) / (b * k) ** 0.5, torch.randn(b, k * b, p, generator=g) / p**0.5)
             x, bias = torch.randn(m, inn, generator=g), torch.randn(out, generator=g)
-            _judge(f"monarch {str(dtype)[6:]} {m}x{inn}->{out} b={b} k={k}", K.monarch_linear, K.monarch_linear_ref,
-                   lambda c: (c(x), c(L), c(R), out, c(bias)), device, dtype)  # noqa: B023  # fmt: skip
+            for layout in ("rows_first", "rows_last") if m > K.GEMV_MAX_ROWS else (K.INTERMEDIATE,):
+                with unittest.mock.patch.object(K, "INTERMEDIATE", layout):
+                    _judge(f"monarch {str(dtype)[6:]} {m}x{inn}->{out} b={b} k={k} {layout}", K.monarch_linear,
+                           K.monarch_linear_ref, lambda c: (c(x), c(L), c(R), out, c(bias)), device, dtype)  # noqa: B023  # fmt: skip
 
 
 def check_blockdiag(device):

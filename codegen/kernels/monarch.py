@@ -53,6 +53,7 @@ from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
 
 __all__ = [
     "GEMV_MAX_ROWS",
+    "INTERMEDIATE",
     "blocked",
     "gemv_kernel",
     "monarch_linear",
@@ -69,6 +70,13 @@ GEMV_MAX_ROWS = 4
 BLOCKED_MIN_BLOCKS = 16
 #: Largest ``b × p`` (padded to powers of two) the GEMV kernel holds as one register tile.
 GEMV_MAX_TILE = 8192
+#: Layout of the intermediate between the two stages. ``"rows_first"``: ``g[n, i, j·k + t]`` (rows
+#: outermost), stage 1 storing each value at its permuted place — runs of one element, or of a group
+#: of 16 input blocks with the blocked stage 1 (rank 1, ≥ :data:`BLOCKED_MIN_BLOCKS` blocks), whose
+#: batched (3-D) dot multiplies the tile traffic. ``"rows_last"``: ``g[i, j·k + t, n]``, both stages
+#: plain per-block GEMMs: stage 1 stores each column of its tile as a run of BM rows, stage 2 reads
+#: its block's operand transposed.
+INTERMEDIATE = "rows_first"
 
 STAGE1_TEMPLATE = (
     DOT_HELPER
@@ -77,8 +85,8 @@ STAGE1_TEMPLATE = (
 @triton.jit
 def ${KERNEL}(
     x_ptr, r_ptr, g_ptr,
-    M, IN, P, KB, NB, K_TERMS, stride_xm, M_CLASS,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
+    M, IN, P, KB, NB, K_TERMS, stride_xm, LD_G, M_CLASS,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, ROWS_LAST: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
 ):
     j = tl.program_id(0)
     offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
@@ -97,11 +105,20 @@ def ${KERNEL}(
                     mask=c_mask[None, :] & (offs_p < P)[:, None], other=0.0)
         acc = _dot(a, r, acc, IEEE, UPCAST)
 
-    # the permutation: column c = t·NB + i goes to g[n, i, j·K_TERMS + t]
+    # the permutation: column c = t·NB + i goes to g[n, i, j·K_TERMS + t] — with the rows last,
+    # g[i, j·K_TERMS + t, n], each column of the tile a run of BM consecutive rows (LD_G: g's
+    # leading dimension, rows padded to 16 so that the runs are aligned for vector stores)
     t = offs_c // NB
     i = offs_c % NB
-    dest = offs_m[:, None] * (NB * KB) + (i * (NB * K_TERMS) + j * K_TERMS + t)[None, :]
-    tl.store(g_ptr + dest, acc.to(g_ptr.dtype.element_ty), mask=m_mask[:, None] & c_mask[None, :])
+    if ROWS_LAST:
+        # the padding rows too (zeros: x's rows past M load as 0), so that the mask is constant
+        # over 16 rows and the runs store as vectors
+        dest = (i * KB + j * K_TERMS + t)[None, :] * LD_G + offs_m[:, None]
+        rows = offs_m < LD_G
+    else:
+        dest = offs_m[:, None] * LD_G + (i * KB + j * K_TERMS + t)[None, :]
+        rows = m_mask
+    tl.store(g_ptr + dest, acc.to(g_ptr.dtype.element_ty), mask=rows[:, None] & c_mask[None, :])
 """
 )
 
@@ -112,8 +129,8 @@ STAGE2_TEMPLATE = (
 @triton.jit
 def ${KERNEL}(
     g_ptr, l_ptr, bias_ptr, out_ptr, ${AUX_PARAMS}
-    M, N, S, BK_IN, NB, M_CLASS,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    M, N, S, BK_IN, NB, LD_G, M_CLASS,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ROWS_LAST: tl.constexpr,
     BM: tl.constexpr, BS: tl.constexpr, BQ: tl.constexpr,
 ):
     i = tl.program_id(0)
@@ -128,8 +145,13 @@ def ${KERNEL}(
     for q0 in range(0, BK_IN, BQ):
         offs_q = q0 + tl.arange(0, BQ)
         q_mask = offs_q < BK_IN
-        a = tl.load(g_ptr + offs_m[:, None] * (NB * BK_IN) + i * BK_IN + offs_q[None, :],
-                    mask=m_mask[:, None] & q_mask[None, :], other=0.0)
+        if ROWS_LAST:  # g[i, q, n]: the block's operand read transposed, runs of BM rows (with
+            # the zero padding rows: a mask constant over 16 rows, vector loads)
+            a = tl.load(g_ptr + (i * BK_IN + offs_q[None, :]) * LD_G + offs_m[:, None],
+                        mask=(offs_m < LD_G)[:, None] & q_mask[None, :], other=0.0)
+        else:  # g[n, i, q]
+            a = tl.load(g_ptr + offs_m[:, None] * LD_G + i * BK_IN + offs_q[None, :],
+                        mask=m_mask[:, None] & q_mask[None, :], other=0.0)
         w = tl.load(l_ptr + i * S * BK_IN + offs_a[None, :] * BK_IN + offs_q[:, None],
                     mask=(offs_a < S)[None, :] & q_mask[:, None], other=0.0)
         acc = _dot(a, w, acc, IEEE, UPCAST)
@@ -212,9 +234,16 @@ def ${KERNEL}(
     x_ptr, r_ptr, g_ptr,
     M, IN, P, NB, stride_xm, M_CLASS,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BJ: tl.constexpr, BI: tl.constexpr, BP: tl.constexpr,
+    JFAST: tl.constexpr,
 ):
-    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
-    offs_j = tl.program_id(1) * BJ + tl.arange(0, BJ)
+    # JFAST: the input-block groups are the grid's first (fastest) axis, so the b/BJ programs that
+    # write the parts of the same g rows run side by side and their stores meet in L2
+    if JFAST:
+        offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
+        offs_j = tl.program_id(0) * BJ + tl.arange(0, BJ)
+    else:
+        offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+        offs_j = tl.program_id(1) * BJ + tl.arange(0, BJ)
     offs_i = tl.program_id(2) * BI + tl.arange(0, BI)
     m_mask = offs_m < M
     j_mask = offs_j < NB
@@ -233,7 +262,7 @@ def ${KERNEL}(
 )
 
 #: Blocked stage-1 tiles: ``BJ`` input blocks × ``BI`` outputs per block × ``BM`` rows.
-STAGE1_BLOCKED_CONFIGS = (
+_BLOCKED_TILES = (
     {"BM": 32, "BJ": 16, "BI": 16, "BP": 64, "num_warps": 8, "num_stages": 1},
     {"BM": 16, "BJ": 16, "BI": 16, "BP": 64, "num_warps": 4, "num_stages": 1},
     {"BM": 64, "BJ": 16, "BI": 16, "BP": 32, "num_warps": 8, "num_stages": 2},
@@ -252,23 +281,39 @@ STAGE1_BLOCKED_CONFIGS = (
     # its 64 values as one 128-byte run instead of four 32-byte ones (64 KB, 137 registers)
     {"BM": 16, "BJ": 64, "BI": 16, "BP": 16, "num_warps": 8, "num_stages": 2},
 )
+#: Every tile in the row-tile-major grid, and four of them again with the input-block groups first
+#: (``JFAST``: the programs writing one g row's parts run together); the latter not yet timed on the card.
+STAGE1_BLOCKED_CONFIGS = tuple({**c, "JFAST": False} for c in _BLOCKED_TILES) + tuple(
+    {**_BLOCKED_TILES[i], "JFAST": True} for i in (0, 3, 5, 8)
+)
 
 STAGE1_CONFIGS = (
     {"BM": 32, "BC": 64, "BP": 64, "num_warps": 4, "num_stages": 3},
     {"BM": 64, "BC": 64, "BP": 64, "num_warps": 4, "num_stages": 3},
     {"BM": 128, "BC": 64, "BP": 32, "num_warps": 8, "num_stages": 3},
     {"BM": 16, "BC": 128, "BP": 64, "num_warps": 4, "num_stages": 2},
+    # rows-last stores: each tile column one 256-byte run (fp16); not yet timed on the card
+    {"BM": 128, "BC": 64, "BP": 64, "num_warps": 8, "num_stages": 3},
 )
 STAGE2_CONFIGS = (
     {"BM": 32, "BS": 64, "BQ": 64, "num_warps": 4, "num_stages": 3},
     {"BM": 64, "BS": 64, "BQ": 64, "num_warps": 4, "num_stages": 3},
     {"BM": 128, "BS": 64, "BQ": 32, "num_warps": 8, "num_stages": 3},
     {"BM": 16, "BS": 128, "BQ": 64, "num_warps": 4, "num_stages": 2},
+    # rows-last loads: each operand column one 256-byte run (fp16); not yet timed on the card
+    {"BM": 128, "BS": 64, "BQ": 64, "num_warps": 8, "num_stages": 3},
 )
 
 
 def stage1_kernel():
-    return build(STAGE1_TEMPLATE, "_monarch_stage1_kernel", NO_EPILOGUE, STAGE1_CONFIGS, ("M_CLASS", "IN", "P", "KB"), __name__)
+    return build(
+        STAGE1_TEMPLATE,
+        "_monarch_stage1_kernel",
+        NO_EPILOGUE,
+        STAGE1_CONFIGS,
+        ("M_CLASS", "IN", "P", "KB", "ROWS_LAST"),
+        __name__,
+    )
 
 
 def blocked(R: torch.Tensor) -> bool:
@@ -288,7 +333,9 @@ def stage1_blocked_kernel():
 
 def stage2_kernel(epilogue: Epilogue = NO_EPILOGUE):
     """The built stage-2 kernel for ``epilogue`` (cached; ``.source`` is the generated code)."""
-    return build(STAGE2_TEMPLATE, "_monarch_stage2_kernel", epilogue, STAGE2_CONFIGS, ("M_CLASS", "N", "S", "BK_IN"), __name__)
+    return build(
+        STAGE2_TEMPLATE, "_monarch_stage2_kernel", epilogue, STAGE2_CONFIGS, ("M_CLASS", "N", "S", "BK_IN", "ROWS_LAST"), __name__
+    )
 
 
 def gemv_kernel(epilogue: Epilogue = NO_EPILOGUE):
@@ -347,31 +394,39 @@ def monarch_linear(x, L, R, out_features: int, bias=None, epilogue: str = "", au
             HAS_BIAS=bias is not None, BB=bb, BP=bp, wrap=wrap,
         )  # fmt: skip
         return out.view(out_shape)
-    g = stage1(x2, R, wrap=wrap)
+    rows_last = INTERMEDIATE == "rows_last"
+    g = stage1(x2, R, wrap=wrap, rows_last=rows_last)
     stage2_kernel(ep).launch(
         lambda meta: (b, -(-m // meta["BM"]), -(-s // meta["BS"])),
-        g, L, bias, out, *auxs, m, out_features, s, kb, b, shape_class(m),
-        HAS_BIAS=bias is not None, wrap=wrap, **dot_flags(x.dtype),
+        g, L, bias, out, *auxs, m, out_features, s, kb, b, g.stride(1 if rows_last else 0), shape_class(m),
+        HAS_BIAS=bias is not None, ROWS_LAST=rows_last, wrap=wrap, **dot_flags(x.dtype),
     )  # fmt: skip
     return out.view(out_shape)
 
 
-def stage1(x2: torch.Tensor, R: torch.Tensor, *, wrap=None) -> torch.Tensor:
-    """The first stage on ``(m, in)`` rows: ``(m, b·k·b)``, each block's product stored permuted
-    (the blocked kernel for rank-1 factors with ≥ 16 blocks, else the per-block one). Split out
-    so that the benchmark can time the stages apart."""
+def stage1(x2: torch.Tensor, R: torch.Tensor, *, wrap=None, rows_last: bool = False) -> torch.Tensor:
+    """The first stage on ``(m, in)`` rows, each block's product stored permuted: ``g`` as
+    ``(m, b·k·b)`` (the blocked kernel for rank-1 factors with ≥ 16 blocks, else the per-block
+    one) or, ``rows_last``, as a ``(b, k·b, m)`` view whose rows are padded to 16 (the per-block
+    kernel). Split out so that the benchmark can time the stages apart."""
     m, n_in = x2.shape
     b, kb, p = R.shape
-    g = torch.empty((m, b * kb), dtype=x2.dtype, device=x2.device)
+    if rows_last:  # (b, k·b, m) in a buffer whose rows are padded to 16, for aligned runs
+        g = torch.empty((b, kb, -(-m // 16) * 16), dtype=x2.dtype, device=x2.device)[:, :, :m]
+    else:
+        g = torch.empty((m, b * kb), dtype=x2.dtype, device=x2.device)
     flags = dot_flags(x2.dtype)
-    if blocked(R):
-        stage1_blocked_kernel().launch(
-            lambda meta: (-(-m // meta["BM"]), -(-b // meta["BJ"]), -(-b // meta["BI"])),
-            x2, R, g, m, n_in, p, b, x2.stride(0), shape_class(m), wrap=wrap, **flags,
-        )  # fmt: skip
+    if blocked(R) and not rows_last:
+
+        def grid(meta):
+            tiles = -(-m // meta["BM"]), -(-b // meta["BJ"])
+            return (*(tiles[::-1] if meta["JFAST"] else tiles), -(-b // meta["BI"]))
+
+        stage1_blocked_kernel().launch(grid, x2, R, g, m, n_in, p, b, x2.stride(0), shape_class(m), wrap=wrap, **flags)
     else:
         stage1_kernel().launch(
             lambda meta: (b, -(-m // meta["BM"]), -(-kb // meta["BC"])),
-            x2, R, g, m, n_in, p, kb, b, kb // b, x2.stride(0), shape_class(m), wrap=wrap, **flags,
+            x2, R, g, m, n_in, p, kb, b, kb // b, x2.stride(0), g.stride(1 if rows_last else 0), shape_class(m),
+            ROWS_LAST=rows_last, wrap=wrap, **flags,
         )  # fmt: skip
     return g

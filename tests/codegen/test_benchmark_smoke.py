@@ -30,6 +30,7 @@ def test_benchmark_sections_run_at_tiny_sizes(device, capsys, monkeypatch):
         "GEMM_SHAPES": [(20, 24, 64)],
         "MONARCH_SHAPES": [(64, 8), (256, 16)],  # per-block stage 1; blocked
         "MONARCH_ROWS": (1, 17),
+        "MONARCH_LANDSCAPE": (17, 256, 16),
         "BLOCKDIAG_SHAPES": [(64, 4)],
         "BLOCKDIAG_ROWS": (1, 17),
         "INT8_OUTLIER_SHAPES": [(64, 3)],
@@ -60,15 +61,18 @@ def test_benchmark_sections_run_at_tiny_sizes(device, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert common.FAILURES == []
     for heading in ("Fused low-rank", "Dequant-GEMV", "tuning configs, each alone", "Dequant at prefill", "Monarch", "Block-diagonal",
+                    "Monarch tuning configs",
                     "LLM.int8()", "Kronecker sums", "Decode proxy"):  # fmt: skip
         assert heading in out
     assert "kernel + fused epilogues" in out and "gate·up one SwiGLU kernel" in out and out.count("×") > 8
     assert sum(line.startswith(("| int4g32 | BN", "| int8 | BN")) for line in out.splitlines()) == 4  # 2 configs × 2 formats
     prefill = [line for line in out.splitlines() if line.startswith("| 17 × 64 | 8, 1 |")]
-    # Monarch two-stage row: + stage 1 timed alone, and unpermuted
-    assert len(prefill) == 1 and prefill[0].count("µs") == 6
+    # Monarch two-stage row: + stage 1 timed alone, and both again in the other intermediate layout
+    assert len(prefill) == 1 and prefill[0].count("µs") == 7
     blocked = [line for line in out.splitlines() if line.startswith("| 17 × 256 | 16, 1 |")]
-    assert len(blocked) == 1 and blocked[0].count("µs") == 6  # blocked stage 1 timed alone too
+    assert len(blocked) == 1 and blocked[0].count("µs") == 7  # blocked stage 1 timed alone too
+    configs = [line for line in out.splitlines() if line.startswith(("| rows_first | stage 1 (blocked) | BM", "| rows_last | "))]
+    assert len(configs) == 3 and all(line.count("µs") == 1 for line in configs)  # the first config of each on CPU
     gemm = [line for line in out.splitlines() if line.startswith("| 20 × 64 → 24 | int4g128 |")]
     assert len(gemm) == 1 and gemm[0].count("µs") == 5  # dense, dispatched, GEMM kernel, decode + matmul, decode alone
     blockdiag = [line for line in out.splitlines() if line.startswith(("| 1 × 64 | 4 |", "| 17 × 64 | 4 |"))]

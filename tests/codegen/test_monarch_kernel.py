@@ -1,5 +1,5 @@
-"""The two-stage Monarch kernel (permutation fused into stage 1's store) against its reference and
-against the dense matrix the factors stand for."""
+"""The Monarch kernels (the permutation fused into stage 1's store, rows first or last) against
+their reference and against the dense matrix the factors stand for."""
 
 from __future__ import annotations
 
@@ -63,15 +63,40 @@ def test_every_blocked_stage1_config(device, close_to_truth, monkeypatch, config
     close_to_truth(K.monarch_linear(x, L, R, 256, bias), K.monarch_linear_ref(x, L, R, 256, bias), truth, str(config))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[0] > K.GEMV_MAX_ROWS], ids=lambda s: "x".join(map(str, s)))
+def test_rows_last_intermediate(device, close_to_truth, monkeypatch, dtype, shape):
+    """``INTERMEDIATE = "rows_last"``: stage 1 stores ``g[i, j·k + t, n]``, stage 2 reads it transposed."""
+    monkeypatch.setattr(K, "INTERMEDIATE", "rows_last")
+    _, inn, out, _, _ = shape
+    x, L, R, bias = _factors(*shape, dtype, device, seed=3)
+    truth = x.double() @ _dense(L.double(), R.double(), out, inn).T + bias.double()
+    close_to_truth(K.monarch_linear(x, L, R, out, bias), K.monarch_linear_ref(x, L, R, out, bias), truth, f"{dtype} {shape}")
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_stage1_layouts_hold_the_reference_regrouping(device, rank):
+    """Both layouts of stage 1's output are the reference's regrouped ``g`` (``(b, b·k, n)``, rows last),
+    one with the rows moved first — so stage 2 reads the same values either way."""
+    x, _, R, _ = _factors(21, 300, 260, 16, rank, torch.float32, device, seed=8)
+    b, kb, p = R.shape
+    h = torch.bmm(R, torch.nn.functional.pad(x, (0, b * p - 300)).reshape(21, b, p).permute(1, 2, 0))
+    g = h.reshape(b, rank, b, 21).permute(2, 0, 1, 3).reshape(b, kb, 21)  # monarch_linear_ref's regrouping
+    torch.testing.assert_close(K.stage1(x, R, rows_last=True), g, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(K.stage1(x, R).reshape(21, b, kb), g.permute(2, 0, 1), rtol=1e-5, atol=1e-5)
+
+
 def test_reference_is_the_layout_of_passes_monarch():
     monarch = pytest.importorskip("passes.monarch")
     x, L, R, bias = _factors(5, 70, 45, 4, 2, torch.float32, "cpu")
     torch.testing.assert_close(K.monarch_linear_ref(x, L, R, 45, bias), monarch.monarch_forward(x, L, R, 45, bias))
 
 
-@pytest.mark.parametrize("rows", [13, 2], ids=["two-stage", "gemv"])
+@pytest.mark.parametrize("rows, intermediate", [(13, "rows_first"), (2, "rows_first"), (13, "rows_last")],
+                         ids=["two-stage", "gemv", "two-stage-rows-last"])  # fmt: skip
 @pytest.mark.parametrize("epilogue", ["silu,mul", "add"])
-def test_fused_epilogue(device, close_to_truth, epilogue, rows):
+def test_fused_epilogue(device, close_to_truth, monkeypatch, epilogue, rows, intermediate):
+    monkeypatch.setattr(K, "INTERMEDIATE", intermediate)
     x, L, R, bias = _factors(rows, 64, 48, 8, 2, torch.float16, device, seed=4)
     aux = [torch.randn(rows, 48, generator=torch.Generator().manual_seed(5)).to(device=device, dtype=torch.float16)]
     y = K.monarch_linear(x, L, R, 48, bias, epilogue, aux)
@@ -92,10 +117,15 @@ def test_decode_takes_one_launch(device, monkeypatch, rows):
     assert launched == (["gemv_kernel"] if rows <= K.GEMV_MAX_ROWS else ["stage1_kernel", "stage2_kernel"])
 
 
-@pytest.mark.parametrize("blocks, rank, stage1", [(16, 1, "stage1_blocked_kernel"), (32, 1, "stage1_blocked_kernel"),
-                                                  (8, 1, "stage1_kernel"), (16, 2, "stage1_kernel")])  # fmt: skip
-def test_stage1_choice(device, monkeypatch, blocks, rank, stage1):
-    """Rank-1 factors with ≥ BLOCKED_MIN_BLOCKS blocks take the blocked stage 1 (contiguous stores), others the per-block one."""
+@pytest.mark.parametrize(
+    "blocks, rank, intermediate, stage1",
+    [(16, 1, "rows_first", "stage1_blocked_kernel"), (32, 1, "rows_first", "stage1_blocked_kernel"),
+     (8, 1, "rows_first", "stage1_kernel"), (16, 2, "rows_first", "stage1_kernel"), (16, 1, "rows_last", "stage1_kernel")],
+)  # fmt: skip
+def test_stage1_choice(device, monkeypatch, blocks, rank, intermediate, stage1):
+    """Rows first, rank-1 factors with ≥ BLOCKED_MIN_BLOCKS blocks take the blocked stage 1 (stores in
+    runs of 16 input blocks), others the per-block one; rows last, every factor the per-block one."""
+    monkeypatch.setattr(K, "INTERMEDIATE", intermediate)
     launched = []
     for name in ("stage1_kernel", "stage1_blocked_kernel"):
         real = getattr(K, name)
