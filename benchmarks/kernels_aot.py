@@ -151,14 +151,10 @@ def variants(quick: bool):
             out.append((f"blockdiag {dt} permuted={permuted}", blockdiag.kernel(ep), {"default": TY[dt], "in_index_ptr": "*i32",
                         "out_pos_ptr": "*i32"}, {**flags, "HAS_BIAS": True, "GATHER": permuted, "SCATTER": permuted},
                         blockdiag.CONFIGS if full else blockdiag.CONFIGS[:1]))  # fmt: skip
-        for rows_last in (False, True) if full else (False,):
-            out.append((f"monarch stage1 {dt} rows_last={rows_last}", monarch.stage1_kernel(), {"default": TY[dt]},
-                        {**flags, "ROWS_LAST": rows_last}, monarch.STAGE1_CONFIGS if full else monarch.STAGE1_CONFIGS[:1]))  # fmt: skip
-            out.append((f"monarch stage2 {dt} rows_last={rows_last}", monarch.stage2_kernel(ep), {"default": TY[dt]},
-                        {**flags, "HAS_BIAS": True, "ROWS_LAST": rows_last},
-                        monarch.STAGE2_CONFIGS if full else monarch.STAGE2_CONFIGS[:1]))  # fmt: skip
-        out.append((f"monarch stage1 blocked {dt}", monarch.stage1_blocked_kernel(), {"default": TY[dt]}, flags,
-                    monarch.STAGE1_BLOCKED_CONFIGS if full else monarch.STAGE1_BLOCKED_CONFIGS[:1]))  # fmt: skip
+        out.append((f"monarch stage1 {dt}", monarch.stage1_kernel(), {"default": TY[dt]}, flags,
+                    monarch.STAGE1_CONFIGS if full else monarch.STAGE1_CONFIGS[:1]))  # fmt: skip
+        out.append((f"monarch stage2 {dt}", monarch.stage2_kernel(ep), {"default": TY[dt]}, {**flags, "HAS_BIAS": True},
+                    monarch.STAGE2_CONFIGS if full else monarch.STAGE2_CONFIGS[:1]))  # fmt: skip
         for bb, bp in ((64, 64), (64, 128), (4, 1024)) if full else ((64, 64),):
             out.append((f"monarch gemv {dt} b={bb} p={bp}", monarch.gemv_kernel(ep), {"default": TY[dt]},
                         {"HAS_BIAS": True, "BB": bb, "BP": bp}, monarch.GEMV_CONFIGS if full else monarch.GEMV_CONFIGS[:1]))  # fmt: skip
@@ -254,14 +250,6 @@ class _StubDriver:
         return GPUTarget("cuda", self.arch, 32)
 
 
-def _rows_last(monarch, *args):
-    """``monarch_linear`` with the rows-last intermediate (the other layout)."""
-    from unittest import mock
-
-    with mock.patch.object(monarch, "INTERMEDIATE", "rows_last"):
-        return monarch.monarch_linear(*args)
-
-
 def launch_cases():
     """(label, call) for each launch path of the operators, on CPU tensors (values do not matter)."""
     import torch
@@ -332,9 +320,6 @@ def launch_cases():
         for m in (1, 256):
             x = torch.randn(m, 512).to(dt)
             cases.append((f"monarch_linear m={m} {dt}", lambda x=x, L=L, R=R: monarch.monarch_linear(x, L, R, 512)))
-            if m > monarch.GEMV_MAX_ROWS:
-                cases.append((f"monarch_linear m={m} {dt} rows-last intermediate",
-                              lambda x=x, L=L, R=R: _rows_last(monarch, x, L, R, 512)))  # fmt: skip
             cases.append(
                 (
                     f"monarch_linear m={m} {dt} bias",

@@ -222,11 +222,6 @@ def quant_linear_group_cuda(x, codes, constants, fmt, cols, pair, epilogue, aux,
 
 # ---- Monarch --------------------------------------------------------------------------------
 
-#: Rows from which the Monarch op runs batched matmuls instead of the kernel on CUDA, for factors
-#: the blocked stage 1 does not take (rank > 1 or fewer than 16 blocks: their per-block stage 1
-#: lost to cuBLAS's bmm at 512 rows on the H100, 43 vs 20 µs; 128 is a guess between 1 and 512).
-MONARCH_KERNEL_MAX_ROWS = 128
-
 
 @torch.library.custom_op("decomp::monarch_linear_host", mutates_args=())
 def _monarch_host(
@@ -248,22 +243,14 @@ def monarch_linear(
 ) -> Tensor:
     """``epilogue(monarch(x) + bias)``; see :func:`codegen.kernels.monarch.monarch_linear`.
 
-    On CUDA the kernels run at every row count for rank-1 factors with ≥ 16 blocks (H100, n = 4096,
-    64 blocks: 2.8 µs vs the batched matmuls' 9.8 at 1 row, 12.7 vs 20.3 at 512, 87.8 vs 139.4 at
-    4096); other factors take the reference's two cuBLAS batched matmuls from
-    :data:`MONARCH_KERNEL_MAX_ROWS` rows on.
+    On CUDA the kernels run at every row count (H100 run 9, n = 4096, 64 blocks: 3.0 µs vs the
+    reference's batched matmuls 5.6 at 1 row, 9.5 vs 10.3 at 512, 50.9 vs 51.5 at 4096 — the
+    reference returning a transposed view of its output and leaving bias and epilogue to further
+    passes, the kernels a row-major output with both fused).
     """
     if _on_gpu(x):
-        return monarch_linear_cuda(x, L, R, out_features, bias, epilogue, aux, wrap=wrap_triton)
+        return _monarch.monarch_linear(x, L, R, out_features, bias, epilogue, aux, wrap=wrap_triton)
     return torch.ops.decomp.monarch_linear_host(x, L, R, out_features, bias, epilogue, aux)
-
-
-def monarch_linear_cuda(x, L, R, out_features, bias, epilogue, aux, wrap=None):
-    """The CUDA branch (see :func:`monarch_linear` for when the batched matmuls run instead)."""
-    rows = x.numel() // max(1, x.shape[-1])
-    if rows < MONARCH_KERNEL_MAX_ROWS or _monarch.blocked(R):
-        return _monarch.monarch_linear(x, L, R, out_features, bias, epilogue, aux, wrap=wrap)
-    return _monarch.monarch_linear_ref(x, L, R, out_features, bias, epilogue, aux)
 
 
 # ---- block-diagonal ---------------------------------------------------------------------------

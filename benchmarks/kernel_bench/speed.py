@@ -213,10 +213,7 @@ def _gemv_landscape(device, dtype, make_dense, make_quant):
 def bench_monarch(device, dtype):
     from codegen.kernels import monarch as K
 
-    other = "rows_last" if K.INTERMEDIATE == "rows_first" else "rows_first"
     print("\n### Monarch (one launch up to 4 rows, two stages beyond) vs dense (CUDA graph, cold operands)\n")
-    print(f"Two-stage rows: the kernel's intermediate has its rows {K.INTERMEDIATE[5:]} (INTERMEDIATE = {K.INTERMEDIATE!r});")
-    print(f"the {other!r} layout is timed beside it. Stage 2 alone ≈ kernel − stage 1.\n")
     _print_row(
         "M × n",
         "blocks, rank",
@@ -227,12 +224,10 @@ def bench_monarch(device, dtype):
         "met",
         "torch reference",
         "kernel eager (do_bench)",
-        "stage 1 alone",
-        f"{other} (speedup)",
-        f"{other}: stage 1 alone",
-        f"tuned stage 1 / stage 2, {K.INTERMEDIATE}; {other}",
+        "stage 1 alone (two-stage rows)",
+        "tuned stage 1 / stage 2",
     )
-    _print_row(*["---"] * 13)
+    _print_row(*["---"] * 11)
     for n, b in MONARCH_SHAPES:
         p = n // b
 
@@ -257,41 +252,32 @@ def bench_monarch(device, dtype):
             ours = _cold(functools.partial(make, fn=K.monarch_linear))
             ref = _cold(functools.partial(make, fn=K.monarch_linear_ref))
             eager = _bench(K.monarch_linear, torch.randn(m, n, device=device, dtype=dtype), *factors(), n)
-            cells = ["—"] * 4
-            if m > K.GEMV_MAX_ROWS:  # where the time goes between the two stages, in both layouts
-                times, tuned = [], []
-                for layout in (K.INTERMEDIATE, other):
-                    with unittest.mock.patch.object(K, "INTERMEDIATE", layout):
-                        rows_last = layout == "rows_last"
-                        t1 = _cold(functools.partial(make, fn=lambda x, L, R, n, r=rows_last: K.stage1(x, R, rows_last=r)))
-                        times += [_cold(functools.partial(make, fn=K.monarch_linear)), t1]
-                        s1 = K.stage1_blocked_kernel() if K.blocked(factors()[1]) and not rows_last else K.stage1_kernel()
-                        tuned.append(f"{_tuned_config(s1)} / {_tuned_config(K.stage2_kernel())}")
-                cells = [f"{times[1] * 1e3:.1f} µs", f"{times[2] * 1e3:.1f} µs ({dense / times[2]:.2f}×)",
-                         f"{times[3] * 1e3:.1f} µs", "; ".join(tuned)]  # fmt: skip
+            first, tuned = "—", "—"
+            if m > K.GEMV_MAX_ROWS:  # where the time goes between the two stages (the rest is stage 2)
+                first = f"{_cold(functools.partial(make, fn=lambda x, L, R, n: K.stage1(x, R))) * 1e3:.1f} µs"
+                tuned = f"{_tuned_config(K.stage1_kernel())} / {_tuned_config(K.stage2_kernel())}"
             ratio = dense / ours
             _print_row(f"{m} × {n}", f"{b}, 1", f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{ratio:.2f}×", "≥ 3×",
-                       "yes" if ratio >= 3 else "no", f"{ref * 1e3:.1f} µs", f"{eager * 1e3:.1f} µs", *cells)  # fmt: skip
-    _monarch_landscape(device, dtype)
+                       "yes" if ratio >= 3 else "no", f"{ref * 1e3:.1f} µs", f"{eager * 1e3:.1f} µs", first, tuned)  # fmt: skip
+    for shape in MONARCH_LANDSCAPE:
+        _monarch_landscape(device, dtype, *shape)
 
 
-#: (rows, n, blocks) of the per-config Monarch table: the prefill row under the 3× target (H100, run 7).
-MONARCH_LANDSCAPE = (4096, 4096, 64)
+#: (rows, n, blocks) of the per-config Monarch tables: the two-stage rows at n = 4096.
+MONARCH_LANDSCAPE = [(512, 4096, 64), (4096, 4096, 64)]
 
 
-def _monarch_landscape(device, dtype):
-    """Every tuning config timed alone at one shape: the blocked stage 1 (rows-first intermediate),
-    and for the rows-last intermediate every stage-1 config (stage 1 alone) and every stage-2
-    config (both stages, stage 1 tuned) — which tile, grid order or layout moves the time."""
+def _monarch_landscape(device, dtype, m, n, b):
+    """Every stage-1 config (stage 1 alone) and every stage-2 config (both stages, stage 1 tuned)
+    timed alone at one shape: which tile moves the time."""
     import dataclasses
 
     from codegen.kernels import monarch as K
 
-    m, n, b = MONARCH_LANDSCAPE
     p = n // b
     print(f"\n### Monarch tuning configs, each alone, {m} × {n}, {b} blocks (CUDA graph, cold operands)\n")
-    _print_row("intermediate", "kernel timed", "config", "time", "HBM GB/s (each of x, g, y moved once)")
-    _print_row(*["---"] * 5)
+    _print_row("kernel timed", "config", "time", "HBM GB/s (each of x, g, y moved once)")
+    _print_row(*["---"] * 4)
     tensor = m * n * torch.tensor([], dtype=dtype).element_size()
 
     def make(i, fn):
@@ -301,30 +287,21 @@ def _monarch_landscape(device, dtype):
         R = torch.randn(b, b, p, device=device, dtype=dtype, generator=g) / p**0.5
         return (lambda: fn(x, L, R)), _nbytes(x, L, R) + m * n * x.element_size()
 
-    def one(built, config):
-        raw = built.fn.fn if built.wrapped else built.fn  # the jitted function under triton.autotune
-        return dataclasses.replace(built, fn=raw, configs=(config,), wrapped=False)
+    def label(config):
+        return " ".join(f"{k}{v}".replace("num_warps", "w") for k, v in config.items() if k != "num_stages")
 
-    label = lambda c: " ".join(f"{k}{v}".replace("num_warps", "w") for k, v in c.items() if k != "num_stages" and v is not False)
-    cases = [("rows_first", "stage 1 (blocked)", "stage1_blocked_kernel", K.STAGE1_BLOCKED_CONFIGS, False),
-             ("rows_last", "stage 1", "stage1_kernel", K.STAGE1_CONFIGS, False),
-             ("rows_last", "both stages", "stage2_kernel", K.STAGE2_CONFIGS, True)]  # fmt: skip
-    for layout, timed, builder, configs, both in cases:
+    cases = [("stage 1", "stage1_kernel", K.STAGE1_CONFIGS, lambda x, L, R: K.stage1(x, R), 2),
+             ("both stages", "stage2_kernel", K.STAGE2_CONFIGS, lambda x, L, R: K.monarch_linear(x, L, R, n), 4)]  # fmt: skip
+    for timed, builder, configs, fn, moved in cases:
         built = getattr(K, builder)()
+        raw = built.fn.fn if built.wrapped else built.fn  # the jitted function under triton.autotune
         for config in configs if torch.cuda.is_available() else configs[:1]:
             if _late("Monarch configs"):
                 return
-            single = one(built, config)
-            with (
-                unittest.mock.patch.object(K, builder, lambda *ep, s=single: s),
-                unittest.mock.patch.object(K, "INTERMEDIATE", layout),
-            ):
-                if both:
-                    t = _cold(functools.partial(make, fn=lambda x, L, R: K.monarch_linear(x, L, R, n)))
-                else:
-                    t = _cold(functools.partial(make, fn=lambda x, L, R, r=layout == "rows_last": K.stage1(x, R, rows_last=r)))
-            moved = (4 if both else 2) * tensor
-            _print_row(layout, timed, label(config), f"{t * 1e3:.1f} µs", f"{moved / (t * 1e-3) / 1e9:.0f}")
+            single = dataclasses.replace(built, fn=raw, configs=(config,), wrapped=False)
+            with unittest.mock.patch.object(K, builder, lambda *ep, s=single: s):
+                t = _cold(functools.partial(make, fn=fn))
+            _print_row(timed, label(config), f"{t * 1e3:.1f} µs", f"{moved * tensor / (t * 1e-3) / 1e9:.0f}")
 
 
 def _kernel_vs_torch_path(device, dtype, title, param, torch_path, shapes, rows, make_module, kernel, variant=None):

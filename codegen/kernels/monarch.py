@@ -8,16 +8,21 @@ Layout (``passes.monarch.MonarchLinear``, /tmp/notes/monarch_layout.md): ``b`` b
 ``y_i = L[i]·g[i]``.
 
 Here stage 1 (grid: input block j × row tiles × column tiles) computes ``x_j·R[j]ᵀ`` on
-tensor cores and stores each value straight at its regrouped place ``g[n, i, j·k+t]`` — the
-permutation costs no pass of its own. Stored that way one value at a time, though, neighbours in a
-tile land ``b`` elements apart (H100, 512 × 4096, b = 64: 42.6 µs, slower than torch's bmm at
-20.2 µs): rank-1 factors with ≥ :data:`BLOCKED_MIN_BLOCKS` blocks take a blocked stage 1 that
-computes a group of input blocks with one batched (3-D) dot and stores ``g[n, i, j₀…j₀+BJ]``
-contiguously. Stage 2 (grid: output block i × row tiles × column
-tiles) computes ``g[:, i]·L[i]ᵀ`` with the bias and the fused epilogue, cropping to ``out``.
-Two launches, because every output block reads every input block's result: one program owning
-both stages must either hold a token's whole ``b·k·b`` intermediate on chip or read x once per
-group of output blocks.
+tensor cores and stores each value straight at its regrouped place — the permutation costs no pass
+of its own. The intermediate keeps the reference's layout, rows last: ``g[i, j·k+t, n]``, so each
+column of a stage-1 tile is a run of ``BM`` consecutive rows (vector stores; the buffer's rows are
+padded to 16 for alignment). Stage 2 (grid: output block i × row tiles × column tiles) computes
+``g[i]ᵀ·L[i]ᵀ`` — its operand read transposed, again in runs of rows — with the bias and the fused
+epilogue, cropping to ``out``. Both stages are plain per-block GEMMs. Two launches, because every
+output block reads every input block's result: one program owning both stages must either hold a
+token's whole ``b·k·b`` intermediate on chip or read x once per group of output blocks.
+
+Measured against the earlier rows-first intermediate ``g[n, i, j·k+t]`` (H100, runs 7 and 9): stored
+one value at a time its neighbours land ``b`` elements apart (512 × 4096, b = 64: 42.6 µs); a
+blocked stage 1 that computed 16 input blocks with one batched (3-D) dot to store runs of 16
+multiplied the tile traffic (accumulators ``16 × BM × BI``: x re-read per output tile, R per row
+tile) and streamed ~1.1 TB/s — stage 1 58.0 µs at 4096 × 4096 against 26.0 µs rows last, the whole
+layer 82.0 against 50.9 µs (2.21× and 3.57× dense). The blocked kernel was removed.
 
 A one-launch prefill kernel (stage 1 for a group of input blocks fed straight into stage 2's
 accumulator, x read ``b/16`` times from L2) was built and measured on an H100 (run 7): 37.9 µs
@@ -51,32 +56,12 @@ from codegen.kernels.common import (
 )
 from codegen.template import NO_EPILOGUE, Epilogue, build, shape_class
 
-__all__ = [
-    "GEMV_MAX_ROWS",
-    "INTERMEDIATE",
-    "blocked",
-    "gemv_kernel",
-    "monarch_linear",
-    "monarch_linear_ref",
-    "stage1",
-    "stage1_blocked_kernel",
-    "stage1_kernel",
-    "stage2_kernel",
-]
+__all__ = ["GEMV_MAX_ROWS", "gemv_kernel", "monarch_linear", "monarch_linear_ref", "stage1", "stage1_kernel", "stage2_kernel"]
 
 #: Row counts up to this take the one-launch GEMV kernel (when a block row of x fits: :data:`GEMV_MAX_TILE`).
 GEMV_MAX_ROWS = 4
-#: From this many blocks on, rank-1 factors take the blocked stage 1 (a group of 16 blocks per store).
-BLOCKED_MIN_BLOCKS = 16
 #: Largest ``b × p`` (padded to powers of two) the GEMV kernel holds as one register tile.
 GEMV_MAX_TILE = 8192
-#: Layout of the intermediate between the two stages. ``"rows_first"``: ``g[n, i, j·k + t]`` (rows
-#: outermost), stage 1 storing each value at its permuted place — runs of one element, or of a group
-#: of 16 input blocks with the blocked stage 1 (rank 1, ≥ :data:`BLOCKED_MIN_BLOCKS` blocks), whose
-#: batched (3-D) dot multiplies the tile traffic. ``"rows_last"``: ``g[i, j·k + t, n]``, both stages
-#: plain per-block GEMMs: stage 1 stores each column of its tile as a run of BM rows, stage 2 reads
-#: its block's operand transposed.
-INTERMEDIATE = "rows_first"
 
 STAGE1_TEMPLATE = (
     DOT_HELPER
@@ -86,7 +71,7 @@ STAGE1_TEMPLATE = (
 def ${KERNEL}(
     x_ptr, r_ptr, g_ptr,
     M, IN, P, KB, NB, K_TERMS, stride_xm, LD_G, M_CLASS,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr, ROWS_LAST: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
 ):
     j = tl.program_id(0)
     offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
@@ -105,20 +90,14 @@ def ${KERNEL}(
                     mask=c_mask[None, :] & (offs_p < P)[:, None], other=0.0)
         acc = _dot(a, r, acc, IEEE, UPCAST)
 
-    # the permutation: column c = t·NB + i goes to g[n, i, j·K_TERMS + t] — with the rows last,
-    # g[i, j·K_TERMS + t, n], each column of the tile a run of BM consecutive rows (LD_G: g's
-    # leading dimension, rows padded to 16 so that the runs are aligned for vector stores)
+    # the permutation: column c = t·NB + i goes to g[i, j·K_TERMS + t, n], each column of the tile a
+    # run of BM consecutive rows (LD_G: g's leading dimension, rows padded to 16). The padding rows
+    # are stored too (zeros: x's rows past M load as 0), so that the mask is constant over 16 rows
+    # and the runs store as vectors.
     t = offs_c // NB
     i = offs_c % NB
-    if ROWS_LAST:
-        # the padding rows too (zeros: x's rows past M load as 0), so that the mask is constant
-        # over 16 rows and the runs store as vectors
-        dest = (i * KB + j * K_TERMS + t)[None, :] * LD_G + offs_m[:, None]
-        rows = offs_m < LD_G
-    else:
-        dest = offs_m[:, None] * LD_G + (i * KB + j * K_TERMS + t)[None, :]
-        rows = m_mask
-    tl.store(g_ptr + dest, acc.to(g_ptr.dtype.element_ty), mask=rows[:, None] & c_mask[None, :])
+    dest = (i * KB + j * K_TERMS + t)[None, :] * LD_G + offs_m[:, None]
+    tl.store(g_ptr + dest, acc.to(g_ptr.dtype.element_ty), mask=(offs_m < LD_G)[:, None] & c_mask[None, :])
 """
 )
 
@@ -129,8 +108,8 @@ STAGE2_TEMPLATE = (
 @triton.jit
 def ${KERNEL}(
     g_ptr, l_ptr, bias_ptr, out_ptr, ${AUX_PARAMS}
-    M, N, S, BK_IN, NB, LD_G, M_CLASS,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ROWS_LAST: tl.constexpr,
+    M, N, S, BK_IN, LD_G, M_CLASS,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BM: tl.constexpr, BS: tl.constexpr, BQ: tl.constexpr,
 ):
     i = tl.program_id(0)
@@ -140,18 +119,15 @@ def ${KERNEL}(
     m_mask = offs_m < M
     n_mask = (offs_a < S) & (offs_n < N)
 
-    # y_i = g[:, i] · L[i]ᵀ
+    # y_i = g[i]ᵀ · L[i]ᵀ
     acc = tl.zeros((BM, BS), dtype=tl.float32)
     for q0 in range(0, BK_IN, BQ):
         offs_q = q0 + tl.arange(0, BQ)
         q_mask = offs_q < BK_IN
-        if ROWS_LAST:  # g[i, q, n]: the block's operand read transposed, runs of BM rows (with
-            # the zero padding rows: a mask constant over 16 rows, vector loads)
-            a = tl.load(g_ptr + (i * BK_IN + offs_q[None, :]) * LD_G + offs_m[:, None],
-                        mask=(offs_m < LD_G)[:, None] & q_mask[None, :], other=0.0)
-        else:  # g[n, i, q]
-            a = tl.load(g_ptr + offs_m[:, None] * LD_G + i * BK_IN + offs_q[None, :],
-                        mask=m_mask[:, None] & q_mask[None, :], other=0.0)
+        # g[i, q, n]: the block's operand read transposed, runs of BM rows (with the zero padding
+        # rows: a mask constant over 16 rows, vector loads)
+        a = tl.load(g_ptr + (i * BK_IN + offs_q[None, :]) * LD_G + offs_m[:, None],
+                    mask=(offs_m < LD_G)[:, None] & q_mask[None, :], other=0.0)
         w = tl.load(l_ptr + i * S * BK_IN + offs_a[None, :] * BK_IN + offs_q[:, None],
                     mask=(offs_a < S)[None, :] & q_mask[:, None], other=0.0)
         acc = _dot(a, w, acc, IEEE, UPCAST)
@@ -203,139 +179,42 @@ GEMV_CONFIGS = (
     {"BS": 32, "num_warps": 2, "num_stages": 1},
 )
 
-#: Stage 1 of rank-1 factors for a group of input blocks (the blocked kernel).
-GROUP_STAGE1_HELPER = """
-@triton.jit
-def _group_stage1(x_ptr, r_ptr, offs_m, offs_j, offs_i, m_mask, j_mask, i_mask, IN, P, NB, stride_xm,
-                  IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                  BM: tl.constexpr, BJ: tl.constexpr, BI: tl.constexpr, BP: tl.constexpr):
-    \"\"\"``h[j, n, i] = x_j[n]·R[j, i]`` (fp32, ``(BJ, BM, BI)``) for input blocks ``offs_j`` and outputs
-    ``offs_i`` of each: one batched (3-D) dot over j per ``BP`` input columns.\"\"\"
-    h = tl.zeros((BJ, BM, BI), dtype=tl.float32)
-    for p0 in range(0, P, BP):
-        offs_p = p0 + tl.arange(0, BP)
-        p_mask = offs_p < P
-        col = offs_j[:, None, None] * P + offs_p[None, None, :]
-        a = tl.load(x_ptr + offs_m[None, :, None] * stride_xm + col,
-                    mask=j_mask[:, None, None] & m_mask[None, :, None] & p_mask[None, None, :] & (col < IN), other=0.0)
-        r = tl.load(r_ptr + offs_j[:, None, None] * (NB * P) + offs_i[None, None, :] * P + offs_p[None, :, None],
-                    mask=j_mask[:, None, None] & i_mask[None, None, :] & p_mask[None, :, None], other=0.0)
-        h = _dot(a, r, h, IEEE, UPCAST)
-    return h
-"""
-
-STAGE1_BLOCKED_TEMPLATE = (
-    DOT_HELPER
-    + GROUP_STAGE1_HELPER
-    + """
-
-@triton.jit
-def ${KERNEL}(
-    x_ptr, r_ptr, g_ptr,
-    M, IN, P, NB, stride_xm, M_CLASS,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BJ: tl.constexpr, BI: tl.constexpr, BP: tl.constexpr,
-    JFAST: tl.constexpr,
-):
-    # JFAST: the input-block groups are the grid's first (fastest) axis, so the b/BJ programs that
-    # write the parts of the same g rows run side by side and their stores meet in L2
-    if JFAST:
-        offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
-        offs_j = tl.program_id(0) * BJ + tl.arange(0, BJ)
-    else:
-        offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
-        offs_j = tl.program_id(1) * BJ + tl.arange(0, BJ)
-    offs_i = tl.program_id(2) * BI + tl.arange(0, BI)
-    m_mask = offs_m < M
-    j_mask = offs_j < NB
-    i_mask = offs_i < NB
-
-    # h[j, :, i] = x_j · R[j, i]ᵀ for BJ input blocks at once: a batched (3-D) dot over j
-    acc = _group_stage1(x_ptr, r_ptr, offs_m, offs_j, offs_i, m_mask, j_mask, i_mask, IN, P, NB, stride_xm,
-                        IEEE, UPCAST, BM, BJ, BI, BP)
-
-    # g[n, i, j] = h[j, n, i]: BJ consecutive j per (n, i), so the store writes whole sectors
-    g = tl.permute(acc, (1, 2, 0))
-    dest = offs_m[:, None, None] * (NB * NB) + offs_i[None, :, None] * NB + offs_j[None, None, :]
-    tl.store(g_ptr + dest, g.to(g_ptr.dtype.element_ty),
-             mask=m_mask[:, None, None] & i_mask[None, :, None] & j_mask[None, None, :])
-"""
-)
-
-#: Blocked stage-1 tiles: ``BJ`` input blocks × ``BI`` outputs per block × ``BM`` rows.
-_BLOCKED_TILES = (
-    {"BM": 32, "BJ": 16, "BI": 16, "BP": 64, "num_warps": 8, "num_stages": 1},
-    {"BM": 16, "BJ": 16, "BI": 16, "BP": 64, "num_warps": 4, "num_stages": 1},
-    {"BM": 64, "BJ": 16, "BI": 16, "BP": 32, "num_warps": 8, "num_stages": 2},
-    {"BM": 32, "BJ": 16, "BI": 32, "BP": 32, "num_warps": 8, "num_stages": 2},
-    {"BM": 16, "BJ": 32, "BI": 16, "BP": 32, "num_warps": 4, "num_stages": 2},
-    # small tiles, pipelined over p: more programs per SM than the ones above (32–49 KB of shared
-    # memory and 72–128 registers a thread against 65–98 KB and 128–194, sm_90), for the n = 4096
-    # prefill rows where this stage streamed ~1.05 TB/s against stage 2's ~2.4 (H100, run 7); not
-    # yet timed on the card
-    {"BM": 16, "BJ": 16, "BI": 16, "BP": 16, "num_warps": 4, "num_stages": 3},
-    {"BM": 32, "BJ": 16, "BI": 16, "BP": 16, "num_warps": 4, "num_stages": 3},
-    {"BM": 16, "BJ": 16, "BI": 32, "BP": 16, "num_warps": 4, "num_stages": 3},
-    # ... and every output of a block in one program: x read once (b/BI programs read each x tile)
-    {"BM": 16, "BJ": 16, "BI": 64, "BP": 16, "num_warps": 8, "num_stages": 2},
-    # ... and all 64 input blocks of a 64-block factor in one program: each (row, output) stores
-    # its 64 values as one 128-byte run instead of four 32-byte ones (64 KB, 137 registers)
-    {"BM": 16, "BJ": 64, "BI": 16, "BP": 16, "num_warps": 8, "num_stages": 2},
-)
-#: Every tile in the row-tile-major grid, and four of them again with the input-block groups first
-#: (``JFAST``: the programs writing one g row's parts run together); the latter not yet timed on the card.
-STAGE1_BLOCKED_CONFIGS = tuple({**c, "JFAST": False} for c in _BLOCKED_TILES) + tuple(
-    {**_BLOCKED_TILES[i], "JFAST": True} for i in (0, 3, 5, 8)
-)
-
+#: Stage-1 tiles. H100 run 9, 4096 × 4096, 64 blocks, each alone: BM128 BC64 BP64 w8 25.8 µs
+#: (2.6 TB/s), BM128 BP32 26.5, BM64 27.6, BM32 28.5, BM16 BC128 51.1; at 512 rows the tuner took
+#: BM32. The last two (more programs at few rows) are not yet timed on the card.
 STAGE1_CONFIGS = (
     {"BM": 32, "BC": 64, "BP": 64, "num_warps": 4, "num_stages": 3},
     {"BM": 64, "BC": 64, "BP": 64, "num_warps": 4, "num_stages": 3},
     {"BM": 128, "BC": 64, "BP": 32, "num_warps": 8, "num_stages": 3},
     {"BM": 16, "BC": 128, "BP": 64, "num_warps": 4, "num_stages": 2},
-    # rows-last stores: each tile column one 256-byte run (fp16); not yet timed on the card
     {"BM": 128, "BC": 64, "BP": 64, "num_warps": 8, "num_stages": 3},
+    {"BM": 16, "BC": 64, "BP": 64, "num_warps": 4, "num_stages": 2},
+    {"BM": 32, "BC": 32, "BP": 64, "num_warps": 4, "num_stages": 2},
 )
+#: Stage-2 tiles. H100 run 9, 4096 × 4096 (both stages, stage 1 tuned): BM128 BS64 BQ32 w8 50.2 µs,
+#: BM128 BQ64 50.8, BM64 52.1, BM32 53.2, BM16 BS128 78.0; at 512 rows the tuner took BM128 BQ32.
+#: The last four are not yet timed on the card.
 STAGE2_CONFIGS = (
     {"BM": 32, "BS": 64, "BQ": 64, "num_warps": 4, "num_stages": 3},
     {"BM": 64, "BS": 64, "BQ": 64, "num_warps": 4, "num_stages": 3},
     {"BM": 128, "BS": 64, "BQ": 32, "num_warps": 8, "num_stages": 3},
     {"BM": 16, "BS": 128, "BQ": 64, "num_warps": 4, "num_stages": 2},
-    # rows-last loads: each operand column one 256-byte run (fp16); not yet timed on the card
     {"BM": 128, "BS": 64, "BQ": 64, "num_warps": 8, "num_stages": 3},
+    {"BM": 64, "BS": 32, "BQ": 64, "num_warps": 4, "num_stages": 3},
+    {"BM": 32, "BS": 32, "BQ": 64, "num_warps": 4, "num_stages": 2},
+    # a whole 128-wide output block per program (n = 8192): g read once instead of twice
+    {"BM": 64, "BS": 128, "BQ": 64, "num_warps": 8, "num_stages": 3},
+    {"BM": 128, "BS": 128, "BQ": 32, "num_warps": 8, "num_stages": 3},
 )
 
 
 def stage1_kernel():
-    return build(
-        STAGE1_TEMPLATE,
-        "_monarch_stage1_kernel",
-        NO_EPILOGUE,
-        STAGE1_CONFIGS,
-        ("M_CLASS", "IN", "P", "KB", "ROWS_LAST"),
-        __name__,
-    )
-
-
-def blocked(R: torch.Tensor) -> bool:
-    """Whether factors with this ``R`` take the blocked stage 1 (rank 1, ≥ :data:`BLOCKED_MIN_BLOCKS` blocks)."""
-    b, kb, _ = R.shape
-    return kb == b and b >= BLOCKED_MIN_BLOCKS
-
-
-def stage1_blocked_kernel():
-    """Stage 1 for rank-1 factors with ≥ :data:`BLOCKED_MIN_BLOCKS` blocks: a 3-D dot over a group
-    of input blocks, so that the permuted store is contiguous along the group."""
-    return build(
-        STAGE1_BLOCKED_TEMPLATE, "_monarch_stage1_blocked_kernel", NO_EPILOGUE, STAGE1_BLOCKED_CONFIGS,
-        ("M_CLASS", "IN", "P", "NB"), __name__,
-    )  # fmt: skip
+    return build(STAGE1_TEMPLATE, "_monarch_stage1_kernel", NO_EPILOGUE, STAGE1_CONFIGS, ("M_CLASS", "IN", "P", "KB"), __name__)
 
 
 def stage2_kernel(epilogue: Epilogue = NO_EPILOGUE):
     """The built stage-2 kernel for ``epilogue`` (cached; ``.source`` is the generated code)."""
-    return build(
-        STAGE2_TEMPLATE, "_monarch_stage2_kernel", epilogue, STAGE2_CONFIGS, ("M_CLASS", "N", "S", "BK_IN", "ROWS_LAST"), __name__
-    )
+    return build(STAGE2_TEMPLATE, "_monarch_stage2_kernel", epilogue, STAGE2_CONFIGS, ("M_CLASS", "N", "S", "BK_IN"), __name__)
 
 
 def gemv_kernel(epilogue: Epilogue = NO_EPILOGUE):
@@ -394,39 +273,24 @@ def monarch_linear(x, L, R, out_features: int, bias=None, epilogue: str = "", au
             HAS_BIAS=bias is not None, BB=bb, BP=bp, wrap=wrap,
         )  # fmt: skip
         return out.view(out_shape)
-    rows_last = INTERMEDIATE == "rows_last"
-    g = stage1(x2, R, wrap=wrap, rows_last=rows_last)
+    g = stage1(x2, R, wrap=wrap)
     stage2_kernel(ep).launch(
         lambda meta: (b, -(-m // meta["BM"]), -(-s // meta["BS"])),
-        g, L, bias, out, *auxs, m, out_features, s, kb, b, g.stride(1 if rows_last else 0), shape_class(m),
-        HAS_BIAS=bias is not None, ROWS_LAST=rows_last, wrap=wrap, **dot_flags(x.dtype),
+        g, L, bias, out, *auxs, m, out_features, s, kb, g.stride(1), shape_class(m),
+        HAS_BIAS=bias is not None, wrap=wrap, **dot_flags(x.dtype),
     )  # fmt: skip
     return out.view(out_shape)
 
 
-def stage1(x2: torch.Tensor, R: torch.Tensor, *, wrap=None, rows_last: bool = False) -> torch.Tensor:
-    """The first stage on ``(m, in)`` rows, each block's product stored permuted: ``g`` as
-    ``(m, b·k·b)`` (the blocked kernel for rank-1 factors with ≥ 16 blocks, else the per-block
-    one) or, ``rows_last``, as a ``(b, k·b, m)`` view whose rows are padded to 16 (the per-block
-    kernel). Split out so that the benchmark can time the stages apart."""
+def stage1(x2: torch.Tensor, R: torch.Tensor, *, wrap=None) -> torch.Tensor:
+    """The first stage on ``(m, in)`` rows: ``g`` as a ``(b, k·b, m)`` view (the reference's
+    regrouped intermediate) of a buffer whose rows are padded to 16. Split out so that the
+    benchmark can time the stages apart."""
     m, n_in = x2.shape
     b, kb, p = R.shape
-    if rows_last:  # (b, k·b, m) in a buffer whose rows are padded to 16, for aligned runs
-        g = torch.empty((b, kb, -(-m // 16) * 16), dtype=x2.dtype, device=x2.device)[:, :, :m]
-    else:
-        g = torch.empty((m, b * kb), dtype=x2.dtype, device=x2.device)
-    flags = dot_flags(x2.dtype)
-    if blocked(R) and not rows_last:
-
-        def grid(meta):
-            tiles = -(-m // meta["BM"]), -(-b // meta["BJ"])
-            return (*(tiles[::-1] if meta["JFAST"] else tiles), -(-b // meta["BI"]))
-
-        stage1_blocked_kernel().launch(grid, x2, R, g, m, n_in, p, b, x2.stride(0), shape_class(m), wrap=wrap, **flags)
-    else:
-        stage1_kernel().launch(
-            lambda meta: (b, -(-m // meta["BM"]), -(-kb // meta["BC"])),
-            x2, R, g, m, n_in, p, kb, b, kb // b, x2.stride(0), g.stride(1 if rows_last else 0), shape_class(m),
-            ROWS_LAST=rows_last, wrap=wrap, **flags,
-        )  # fmt: skip
+    g = torch.empty((b, kb, -(-m // 16) * 16), dtype=x2.dtype, device=x2.device)[:, :, :m]
+    stage1_kernel().launch(
+        lambda meta: (b, -(-m // meta["BM"]), -(-kb // meta["BC"])),
+        x2, R, g, m, n_in, p, kb, b, kb // b, x2.stride(0), g.stride(1), shape_class(m), wrap=wrap, **dot_flags(x2.dtype),
+    )  # fmt: skip
     return g

@@ -28,9 +28,9 @@ def test_benchmark_sections_run_at_tiny_sizes(device, capsys, monkeypatch):
         "GEMV_FORMATS": ["int4g32", "int8"],
         "LANDSCAPE_SHAPE": (24, 64),
         "GEMM_SHAPES": [(20, 24, 64)],
-        "MONARCH_SHAPES": [(64, 8), (256, 16)],  # per-block stage 1; blocked
+        "MONARCH_SHAPES": [(64, 8), (256, 16)],
         "MONARCH_ROWS": (1, 17),
-        "MONARCH_LANDSCAPE": (17, 256, 16),
+        "MONARCH_LANDSCAPE": [(17, 256, 16)],
         "BLOCKDIAG_SHAPES": [(64, 4)],
         "BLOCKDIAG_ROWS": (1, 17),
         "INT8_OUTLIER_SHAPES": [(64, 3)],
@@ -67,12 +67,10 @@ def test_benchmark_sections_run_at_tiny_sizes(device, capsys, monkeypatch):
     assert "kernel + fused epilogues" in out and "gate·up one SwiGLU kernel" in out and out.count("×") > 8
     assert sum(line.startswith(("| int4g32 | BN", "| int8 | BN")) for line in out.splitlines()) == 4  # 2 configs × 2 formats
     prefill = [line for line in out.splitlines() if line.startswith("| 17 × 64 | 8, 1 |")]
-    # Monarch two-stage row: + stage 1 timed alone, and both again in the other intermediate layout
-    assert len(prefill) == 1 and prefill[0].count("µs") == 7
-    blocked = [line for line in out.splitlines() if line.startswith("| 17 × 256 | 16, 1 |")]
-    assert len(blocked) == 1 and blocked[0].count("µs") == 7  # blocked stage 1 timed alone too
-    configs = [line for line in out.splitlines() if line.startswith(("| rows_first | stage 1 (blocked) | BM", "| rows_last | "))]
-    assert len(configs) == 3 and all(line.count("µs") == 1 for line in configs)  # the first config of each on CPU
+    # Monarch two-stage row: + stage 1 timed alone
+    assert len(prefill) == 1 and prefill[0].count("µs") == 5
+    configs = [line for line in out.splitlines() if line.startswith(("| stage 1 | BM", "| both stages | BM"))]
+    assert len(configs) == 2 and all(line.count("µs") == 1 for line in configs)  # the first config of each on CPU
     gemm = [line for line in out.splitlines() if line.startswith("| 20 × 64 → 24 | int4g128 |")]
     assert len(gemm) == 1 and gemm[0].count("µs") == 5  # dense, dispatched, GEMM kernel, decode + matmul, decode alone
     blockdiag = [line for line in out.splitlines() if line.startswith(("| 1 × 64 | 4 |", "| 17 × 64 | 4 |"))]

@@ -1,5 +1,5 @@
-"""The Monarch kernels (the permutation fused into stage 1's store, rows first or last) against
-their reference and against the dense matrix the factors stand for."""
+"""The Monarch kernels (one launch for decode; two stages, the permutation fused into stage 1's
+store) against their reference and against the dense matrix the factors stand for."""
 
 from __future__ import annotations
 
@@ -46,44 +46,40 @@ def test_matches_reference(device, close_to_truth, dtype, shape):
     close_to_truth(y, ref, truth, f"{dtype} {shape}")
 
 
-@pytest.mark.parametrize("config", K.STAGE1_BLOCKED_CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_every_blocked_stage1_config(device, close_to_truth, monkeypatch, config):
-    """Each config the tuner may pick for the blocked stage 1 computes the same product: 16 blocks of
-    63 padded inputs (1000 features: several p steps for the small tiles, a ragged last one, the
-    zero padding), 37 rows (a ragged row block)."""
+STAGE_CONFIGS = [("stage1_kernel", c) for c in K.STAGE1_CONFIGS] + [("stage2_kernel", c) for c in K.STAGE2_CONFIGS]
+
+
+@pytest.mark.parametrize(
+    "stage, config", STAGE_CONFIGS, ids=[f"{s[:6]}-" + "-".join(f"{k}{v}" for k, v in c.items()) for s, c in STAGE_CONFIGS]
+)
+def test_every_stage_config(device, close_to_truth, monkeypatch, stage, config):
+    """Each config the tuner may pick for either stage computes the same product: 16 blocks of 63
+    padded inputs (1000 features: several p steps for BP 32, the zero padding), 37 rows (a ragged
+    row tile, the padding rows of the intermediate), rank 2 (BC 32 column tiles across terms)."""
     if device == "cuda":
         pytest.skip("the GPU tunes over these configs itself; the interpreter runs one at a time")
     import dataclasses
 
-    kernel = dataclasses.replace(K.stage1_blocked_kernel(), configs=(config,))
-    monkeypatch.setattr(K, "stage1_blocked_kernel", lambda: kernel)
-    x, L, R, bias = _factors(37, 1000, 256, 16, 1, torch.float16, device)
-    assert K.blocked(R)
-    truth = x.double() @ _dense(L.double(), R.double(), 256, 1000).T + bias.double()
-    close_to_truth(K.monarch_linear(x, L, R, 256, bias), K.monarch_linear_ref(x, L, R, 256, bias), truth, str(config))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [s for s in SHAPES if s[0] > K.GEMV_MAX_ROWS], ids=lambda s: "x".join(map(str, s)))
-def test_rows_last_intermediate(device, close_to_truth, monkeypatch, dtype, shape):
-    """``INTERMEDIATE = "rows_last"``: stage 1 stores ``g[i, j·k + t, n]``, stage 2 reads it transposed."""
-    monkeypatch.setattr(K, "INTERMEDIATE", "rows_last")
-    _, inn, out, _, _ = shape
-    x, L, R, bias = _factors(*shape, dtype, device, seed=3)
-    truth = x.double() @ _dense(L.double(), R.double(), out, inn).T + bias.double()
-    close_to_truth(K.monarch_linear(x, L, R, out, bias), K.monarch_linear_ref(x, L, R, out, bias), truth, f"{dtype} {shape}")
+    kernel = dataclasses.replace(getattr(K, stage)(), configs=(config,))
+    monkeypatch.setattr(K, stage, lambda *ep: kernel)
+    x, L, R, bias = _factors(37, 1000, 300, 16, 2, torch.float16, device)
+    truth = x.double() @ _dense(L.double(), R.double(), 300, 1000).T + bias.double()
+    close_to_truth(K.monarch_linear(x, L, R, 300, bias), K.monarch_linear_ref(x, L, R, 300, bias), truth, str(config))
 
 
 @pytest.mark.parametrize("rank", [1, 2])
-def test_stage1_layouts_hold_the_reference_regrouping(device, rank):
-    """Both layouts of stage 1's output are the reference's regrouped ``g`` (``(b, b·k, n)``, rows last),
-    one with the rows moved first — so stage 2 reads the same values either way."""
+def test_stage1_is_the_reference_regrouping(device, rank):
+    """Stage 1's output is the reference's regrouped ``g`` (``(b, b·k, n)``, rows last) in a buffer
+    whose rows are padded to 16; the padding rows hold zeros."""
     x, _, R, _ = _factors(21, 300, 260, 16, rank, torch.float32, device, seed=8)
     b, kb, p = R.shape
     h = torch.bmm(R, torch.nn.functional.pad(x, (0, b * p - 300)).reshape(21, b, p).permute(1, 2, 0))
     g = h.reshape(b, rank, b, 21).permute(2, 0, 1, 3).reshape(b, kb, 21)  # monarch_linear_ref's regrouping
-    torch.testing.assert_close(K.stage1(x, R, rows_last=True), g, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(K.stage1(x, R).reshape(21, b, kb), g.permute(2, 0, 1), rtol=1e-5, atol=1e-5)
+    out = K.stage1(x, R)
+    torch.testing.assert_close(out, g, rtol=1e-5, atol=1e-5)
+    assert out.stride() == (kb * 32, 32, 1)
+    padding = out.as_strided((b, kb, 11), out.stride(), out.storage_offset() + 21)
+    assert torch.equal(padding, torch.zeros_like(padding))
 
 
 def test_reference_is_the_layout_of_passes_monarch():
@@ -92,11 +88,9 @@ def test_reference_is_the_layout_of_passes_monarch():
     torch.testing.assert_close(K.monarch_linear_ref(x, L, R, 45, bias), monarch.monarch_forward(x, L, R, 45, bias))
 
 
-@pytest.mark.parametrize("rows, intermediate", [(13, "rows_first"), (2, "rows_first"), (13, "rows_last")],
-                         ids=["two-stage", "gemv", "two-stage-rows-last"])  # fmt: skip
+@pytest.mark.parametrize("rows", [13, 2], ids=["two-stage", "gemv"])
 @pytest.mark.parametrize("epilogue", ["silu,mul", "add"])
-def test_fused_epilogue(device, close_to_truth, monkeypatch, epilogue, rows, intermediate):
-    monkeypatch.setattr(K, "INTERMEDIATE", intermediate)
+def test_fused_epilogue(device, close_to_truth, epilogue, rows):
     x, L, R, bias = _factors(rows, 64, 48, 8, 2, torch.float16, device, seed=4)
     aux = [torch.randn(rows, 48, generator=torch.Generator().manual_seed(5)).to(device=device, dtype=torch.float16)]
     y = K.monarch_linear(x, L, R, 48, bias, epilogue, aux)
@@ -109,31 +103,12 @@ def test_fused_epilogue(device, close_to_truth, monkeypatch, epilogue, rows, int
 def test_decode_takes_one_launch(device, monkeypatch, rows):
     """Up to ``GEMV_MAX_ROWS`` rows one kernel runs and no intermediate is allocated; beyond, the two stages."""
     launched = []
-    for name in ("gemv_kernel", "stage1_kernel", "stage1_blocked_kernel", "stage2_kernel"):
+    for name in ("gemv_kernel", "stage1_kernel", "stage2_kernel"):
         real = getattr(K, name)
         monkeypatch.setattr(K, name, lambda *a, _n=name, _r=real: launched.append(_n) or _r(*a))
     x, L, R, bias = _factors(rows, 64, 64, 8, 1, torch.float32, device)
     torch.testing.assert_close(K.monarch_linear(x, L, R, 64, bias), K.monarch_linear_ref(x, L, R, 64, bias), rtol=1e-5, atol=1e-5)
     assert launched == (["gemv_kernel"] if rows <= K.GEMV_MAX_ROWS else ["stage1_kernel", "stage2_kernel"])
-
-
-@pytest.mark.parametrize(
-    "blocks, rank, intermediate, stage1",
-    [(16, 1, "rows_first", "stage1_blocked_kernel"), (32, 1, "rows_first", "stage1_blocked_kernel"),
-     (8, 1, "rows_first", "stage1_kernel"), (16, 2, "rows_first", "stage1_kernel"), (16, 1, "rows_last", "stage1_kernel")],
-)  # fmt: skip
-def test_stage1_choice(device, monkeypatch, blocks, rank, intermediate, stage1):
-    """Rows first, rank-1 factors with ≥ BLOCKED_MIN_BLOCKS blocks take the blocked stage 1 (stores in
-    runs of 16 input blocks), others the per-block one; rows last, every factor the per-block one."""
-    monkeypatch.setattr(K, "INTERMEDIATE", intermediate)
-    launched = []
-    for name in ("stage1_kernel", "stage1_blocked_kernel"):
-        real = getattr(K, name)
-        monkeypatch.setattr(K, name, lambda *a, _n=name, _r=real: launched.append(_n) or _r(*a))
-    x, L, R, bias = _factors(24, 300, 260, blocks, rank, torch.float32, device, seed=7)
-    y = K.monarch_linear(x, L, R, 260, bias)
-    torch.testing.assert_close(y, K.monarch_linear_ref(x, L, R, 260, bias), rtol=1e-5, atol=1e-5)
-    assert launched == [stage1]
 
 
 def test_bad_factors(device):
