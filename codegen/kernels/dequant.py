@@ -196,13 +196,13 @@ class QuantFormat:
 
 #: The tuned GEMV's HBM rate relative to fp16 ``F.linear``'s at 1 × 4096 → 4096 on an H100 (both
 #: replayed from CUDA graphs with cold weights): the speedup over fp16 divided by the byte ratio, in
-#: the latest of ``benchmarks/results/kernels_h100_run*.txt`` that measured each format (int4 g32:
-#: run 8b, the HALF2 loop, 2.62× / 3.20; int4 g128: run 6, before HALF2, which it also takes now —
-#: an underestimate until measured; the others run 5 — int3 g64 with run 5's tuning space, which
-#: run 4's tiles beat: 0.30 then). The cost model divides a quantized layer's decode bytes by it on
+#: the latest of ``benchmarks/results/kernels_h100_run*.txt`` that measured each format (int4 g32
+#: and g128: run 9, the HALF2 loop, 2.82× / 3.20 and 2.70× / 3.76 — run 8b had int4 g32 at 2.62×,
+#: run 6 int4 g128 before HALF2 at 0.45; the others run 5 — int3 g64 with run 5's tuning space,
+#: which run 4's tiles beat: 0.30 then). The cost model divides a quantized layer's decode bytes by it on
 #: GPU profiles (int3 g64 at 0.19: slower than fp16 despite 4.6× fewer bytes, as measured).
 #: A test reads these off the result files. :func:`gemv_relative_rate` for unmeasured formats.
-GEMV_RELATIVE_RATE = {"int8": 0.90, "int4g32": 0.82, "int4g128": 0.45, "int3g64": 0.19, "nf4g64": 0.42}
+GEMV_RELATIVE_RATE = {"int8": 0.90, "int4g32": 0.88, "int4g128": 0.72, "int3g64": 0.19, "nf4g64": 0.42}
 
 
 def gemv_relative_rate(fmt: QuantFormat) -> float:

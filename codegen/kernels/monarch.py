@@ -24,6 +24,11 @@ multiplied the tile traffic (accumulators ``16 × BM × BI``: x re-read per outp
 tile) and streamed ~1.1 TB/s — stage 1 58.0 µs at 4096 × 4096 against 26.0 µs rows last, the whole
 layer 82.0 against 50.9 µs (2.21× and 3.57× dense). The blocked kernel was removed.
 
+At 512 × 4096 the two stages take ~9.3 µs (2.7× dense, under the 3× target): 8 MB each, stage 1
+alone 5.0 µs — near two launches' floor plus the bytes. Launching stage 2 as a programmatic
+dependent launch (``griddepcontrol``: scheduled while stage 1's last programs run, waiting for
+their stores) was measured (run 9c) and not kept: 9.8 vs 9.3 µs there, 1–7 % elsewhere.
+
 A one-launch prefill kernel (stage 1 for a group of input blocks fed straight into stage 2's
 accumulator, x read ``b/16`` times from L2) was built and measured on an H100 (run 7): 37.9 µs
 at 512 × 4096 against the two stages' 12.7, 0.67–1.46× dense where the two stages give
@@ -179,31 +184,27 @@ GEMV_CONFIGS = (
     {"BS": 32, "num_warps": 2, "num_stages": 1},
 )
 
-#: Stage-1 tiles. H100 run 9, 4096 × 4096, 64 blocks, each alone: BM128 BC64 BP64 w8 25.8 µs
-#: (2.6 TB/s), BM128 BP32 26.5, BM64 27.6, BM32 28.5, BM16 BC128 51.1; at 512 rows the tuner took
-#: BM32. The last two (more programs at few rows) are not yet timed on the card.
+#: Stage-1 tiles. H100 runs 9b/9c, each alone, 4096 × 4096, 64 blocks: BM128 BC64 BP64 w8 26.0 µs
+#: (2.6 TB/s), BM128 BP32 26.6, BM64 28.0, BM32 28.9, BM16 BC128 52.0; at 512 rows 5.0–5.4 µs for
+#: BM32–BM128, 8.6 for BM16 BC128. (BM16 BC64 and BM32 BC32, for more programs at few rows, were
+#: slower at both: 6.7/35.1 and 6.2/37.0 µs; dropped.)
 STAGE1_CONFIGS = (
     {"BM": 32, "BC": 64, "BP": 64, "num_warps": 4, "num_stages": 3},
     {"BM": 64, "BC": 64, "BP": 64, "num_warps": 4, "num_stages": 3},
     {"BM": 128, "BC": 64, "BP": 32, "num_warps": 8, "num_stages": 3},
     {"BM": 16, "BC": 128, "BP": 64, "num_warps": 4, "num_stages": 2},
     {"BM": 128, "BC": 64, "BP": 64, "num_warps": 8, "num_stages": 3},
-    {"BM": 16, "BC": 64, "BP": 64, "num_warps": 4, "num_stages": 2},
-    {"BM": 32, "BC": 32, "BP": 64, "num_warps": 4, "num_stages": 2},
 )
-#: Stage-2 tiles. H100 run 9, 4096 × 4096 (both stages, stage 1 tuned): BM128 BS64 BQ32 w8 50.2 µs,
-#: BM128 BQ64 50.8, BM64 52.1, BM32 53.2, BM16 BS128 78.0; at 512 rows the tuner took BM128 BQ32.
-#: The last four are not yet timed on the card.
+#: Stage-2 tiles. H100 runs 9b/9c, 4096 × 4096 (both stages, stage 1 tuned): BM128 BS64 BQ32 w8
+#: 50.1 µs, BM128 BQ64 50.9, BM64 52.1, BM32 53.3, BM16 BS128 78.5; at 512 rows 9.0–9.9 µs.
+#: BM128 BS128 holds a whole 128-wide output block (n = 8192: g read once; the tuner's pick there,
+#: 78.9 µs at 4096 rows). (BM64 BS32, BM32 BS32 and BM64 BS128 lost everywhere; dropped.)
 STAGE2_CONFIGS = (
     {"BM": 32, "BS": 64, "BQ": 64, "num_warps": 4, "num_stages": 3},
     {"BM": 64, "BS": 64, "BQ": 64, "num_warps": 4, "num_stages": 3},
     {"BM": 128, "BS": 64, "BQ": 32, "num_warps": 8, "num_stages": 3},
     {"BM": 16, "BS": 128, "BQ": 64, "num_warps": 4, "num_stages": 2},
     {"BM": 128, "BS": 64, "BQ": 64, "num_warps": 8, "num_stages": 3},
-    {"BM": 64, "BS": 32, "BQ": 64, "num_warps": 4, "num_stages": 3},
-    {"BM": 32, "BS": 32, "BQ": 64, "num_warps": 4, "num_stages": 2},
-    # a whole 128-wide output block per program (n = 8192): g read once instead of twice
-    {"BM": 64, "BS": 128, "BQ": 64, "num_warps": 8, "num_stages": 3},
     {"BM": 128, "BS": 128, "BQ": 32, "num_warps": 8, "num_stages": 3},
 )
 
