@@ -27,7 +27,10 @@ layer 82.0 against 50.9 µs (2.21× and 3.57× dense). The blocked kernel was re
 At 512 × 4096 the two stages take ~9.3 µs (2.7× dense, under the 3× target): 8 MB each, stage 1
 alone 5.0 µs — near two launches' floor plus the bytes. Launching stage 2 as a programmatic
 dependent launch (``griddepcontrol``: scheduled while stage 1's last programs run, waiting for
-their stores) was measured (run 9c) and not kept: 9.8 vs 9.3 µs there, 1–7 % elsewhere.
+their stores) was measured (run 9c) and not kept: 9.8 vs 9.3 µs there, 1–7 % elsewhere. Nor was
+one launch for both stages (run 9d: a 1-D grid of stage-1 then stage-2 tiles, each stage-2 tile
+waiting on an acquire counter its row's stage-1 tiles release — correct on the card, but 10.5 vs
+9.1 µs at 512 rows and 53.5 vs 52.4 at 4096).
 
 A one-launch prefill kernel (stage 1 for a group of input blocks fed straight into stage 2's
 accumulator, x read ``b/16`` times from L2) was built and measured on an H100 (run 7): 37.9 µs
