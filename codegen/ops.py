@@ -249,8 +249,13 @@ def monarch_linear(
     passes, the kernels a row-major output with both fused).
     """
     if _on_gpu(x):
-        return _monarch.monarch_linear(x, L, R, out_features, bias, epilogue, aux, wrap=wrap_triton)
+        return monarch_linear_cuda(x, L, R, out_features, bias, epilogue, aux, wrap=wrap_triton)
     return torch.ops.decomp.monarch_linear_host(x, L, R, out_features, bias, epilogue, aux)
+
+
+def monarch_linear_cuda(x, L, R, out_features, bias, epilogue, aux, wrap=None):
+    """The CUDA branch: the kernels at every row count."""
+    return _monarch.monarch_linear(x, L, R, out_features, bias, epilogue, aux, wrap=wrap)
 
 
 # ---- block-diagonal ---------------------------------------------------------------------------
