@@ -161,6 +161,15 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+def _one_config(kernel, config):
+    """``kernel`` (a built :class:`codegen.template.Kernel`) restricted to one tuning ``config``,
+    launched untuned: what the per-config tables time."""
+    import dataclasses
+
+    raw = kernel.fn.fn if kernel.wrapped else kernel.fn  # the jitted function under triton.autotune
+    return dataclasses.replace(kernel, fn=raw, configs=(config,), wrapped=False)
+
+
 def _tuned_config(kernel) -> str:
     """The config the autotuner chose at the kernel's last launch (which variant won, on this card)."""
     best = getattr(kernel.fn, "best_config", None)

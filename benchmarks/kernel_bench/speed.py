@@ -9,7 +9,7 @@ import unittest.mock
 import torch
 import torch.nn.functional as F
 
-from .common import _bench, _buffers, _cold, _format, _late, _nbytes, _packed, _print_row, _row, _tuned_config
+from .common import _bench, _buffers, _cold, _format, _late, _nbytes, _one_config, _packed, _print_row, _row, _tuned_config
 
 __all__ = ["GEMM_SHAPES", "GEMV_FORMATS", "GEMV_SHAPES", "LANDSCAPE_FORMATS", "LANDSCAPE_SHAPE", "LOWRANK_SHAPES",
            "MONARCH_LANDSCAPE", "MONARCH_ROWS", "MONARCH_SHAPES", "bench_dequant", "bench_lowrank", "bench_monarch"]  # fmt: skip
@@ -173,8 +173,6 @@ def _gemv_landscape(device, dtype, make_dense, make_quant):
     """Every GEMV tuning config timed alone (what the tuner chose among), so a run says which
     variant — tiles, loop stages, prefetched constants, conversion-free decode — moves the time;
     the int8 rows share the int4 rows' conversion count per code with twice the bytes."""
-    import dataclasses
-
     from codegen.kernels import dequant as D
 
     n, k = LANDSCAPE_SHAPE
@@ -184,7 +182,6 @@ def _gemv_landscape(device, dtype, make_dense, make_quant):
     _print_row(*["---"] * 6)
     dense = _cold(functools.partial(make_dense, m=1, n=n, k=k))
     built = D.gemv_kernel()
-    raw = getattr(built.fn, "fn", built.fn)  # the jitted function under triton.autotune
     saved = D._kernel
     try:
         for spec in LANDSCAPE_FORMATS:
@@ -199,7 +196,7 @@ def _gemv_landscape(device, dtype, make_dense, make_quant):
                     return
                 if config.get("HALF2") and not spec.startswith("int4"):
                     continue  # the plain loop there (HALF2 is int4's)
-                one = dataclasses.replace(built, fn=raw, configs=(config,), wrapped=False)
+                one = _one_config(built, config)
                 D._kernel = lambda builder, ep, *a, one=one: one if builder is D.gemv_kernel else saved(builder, ep, *a)
                 ms = _cold(functools.partial(make_quant, m=1, n=n, k=k, spec=spec))
                 err = (D.quant_linear(x, codes, constants, fmt, k).double() - truth).abs().max().item()
@@ -270,8 +267,6 @@ MONARCH_LANDSCAPE = [(512, 4096, 64), (4096, 4096, 64)]
 def _monarch_landscape(device, dtype, m, n, b):
     """Every stage-1 config (stage 1 alone) and every stage-2 config (both stages, stage 1 tuned)
     timed alone at one shape: which tile moves the time."""
-    import dataclasses
-
     from codegen.kernels import monarch as K
 
     p = n // b
@@ -294,11 +289,10 @@ def _monarch_landscape(device, dtype, m, n, b):
              ("both stages", "stage2_kernel", K.STAGE2_CONFIGS, lambda x, L, R: K.monarch_linear(x, L, R, n), 4)]  # fmt: skip
     for timed, builder, configs, fn, moved in cases:
         built = getattr(K, builder)()
-        raw = built.fn.fn if built.wrapped else built.fn  # the jitted function under triton.autotune
         for config in configs if torch.cuda.is_available() else configs[:1]:
             if _late("Monarch configs"):
                 return
-            single = dataclasses.replace(built, fn=raw, configs=(config,), wrapped=False)
+            single = _one_config(built, config)
             with unittest.mock.patch.object(K, builder, lambda *ep, s=single: s):
                 t = _cold(functools.partial(make, fn=fn))
             _print_row(timed, label(config), f"{t * 1e3:.1f} µs", f"{moved * tensor / (t * 1e-3) / 1e9:.0f}")
