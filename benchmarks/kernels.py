@@ -77,6 +77,11 @@ def main(argv=None) -> int:
                         help="correctness sections to run, comma-separated (a short GPU session checks what changed)")  # fmt: skip
     parser.add_argument("--e2e-rows", choices=("all", "ours-compiled"), default="all",
                         help="ours-compiled: only the compiled int4 model (short GPU sessions)")  # fmt: skip
+    parser.add_argument(
+        "--e2e-host-profile",
+        action="store_true",
+        help="split the compiled rows' host time: dynamo and AOT wrappers vs the compiled graph",
+    )
     parser.add_argument("--gemv-formats", default=",".join(GEMV_FORMATS), help="formats of the GEMV rows, comma-separated")
     parser.add_argument("--landscape-formats", default=",".join(LANDSCAPE_FORMATS),
                         help="formats of the every-GEMV-config table, comma-separated (empty: no table)")  # fmt: skip
@@ -119,7 +124,7 @@ def main(argv=None) -> int:
     # by default the end-to-end rows right after the GEMV tables: the product-level number, not to be cut by the budget
     sections = [("dequant", bench_dequant)]
     if args.e2e:
-        sections.append(("e2e", lambda d, t: bench_e2e(d, rows=args.e2e_rows)))
+        sections.append(("e2e", lambda d, t: bench_e2e(d, rows=args.e2e_rows, host_profile=args.e2e_host_profile)))
     sections += [("lowrank", bench_lowrank), ("monarch", bench_monarch), ("blockdiag", bench_blockdiag),
                  ("kronecker", bench_kronecker), ("int8outlier", bench_int8_outlier),
                  ("proxy", lambda d, t: bench_decode_proxy(d, t, 30))]  # fmt: skip

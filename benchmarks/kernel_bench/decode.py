@@ -153,14 +153,16 @@ def _e2e_models(device, layers: int | None = None):
     return dense.to(device), optimized.to(device)
 
 
-def _decode_timer(model, compile_kwargs, prompt: int, steps: int, device):
+def _decode_timer(model, compile_kwargs, prompt: int, steps: int, device, host_profile: bool = False):
     """Seconds per decode token: a static KV cache (fixed shapes: one graph, CUDA-graph friendly),
     a ``prompt``-token prefill, then ``steps`` one-token forwards; returns (s/token, first-call s,
-    tokens, a one-step profile line with the host time and what the compiler logged)."""
+    tokens, a one-step profile line with the host time and what the compiler logged).
+    ``host_profile``: also ``steps`` more calls timed in parts (:func:`_host_split`)."""
     from torch._dynamo.utils import counters
     from transformers import StaticCache
 
-    cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 8)
+    # every call takes a cache slot (the 3 compiling calls, the timed steps, the profiled ones)
+    cache = StaticCache(config=model.config, max_cache_len=prompt + 2 * steps + 8)
     fwd = torch.compile(model, **compile_kwargs) if compile_kwargs is not None else model
     counters.clear()
     notes = _CompileNotes() if compile_kwargs is not None else None
@@ -190,8 +192,10 @@ def _decode_timer(model, compile_kwargs, prompt: int, steps: int, device):
             pos = pos + 1
         sync()
         per_token = (time.time() - t0) / steps
-        profile = _kernel_profile(lambda: fwd(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True), device)
-        profile = f"host {host / steps * 1e3:.2f} ms/call in the model call; " + profile
+        call = lambda: fwd(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True)
+        profile = f"host {host / steps * 1e3:.2f} ms/call in the model call; " + _kernel_profile(call, device)
+        if host_profile:
+            profile += "\n    host split: " + _host_split(call, steps, sync)
         if notes is not None:
             profile += "\n    compile: " + notes.summary(counters)
         return per_token, first, torch.cat(out, 1), profile
@@ -240,6 +244,42 @@ class _CompileNotes(logging.Handler):
         return head + "".join(f"\n      log: {m}" for m in uniq)
 
 
+def _host_split(call, steps: int, sync) -> str:
+    """Where the host time of a compiled call goes, over ``steps`` calls: inside inductor's compiled
+    graph (``CompiledFxGraph.__call__``; on CUDA with CUDA graphs, of which the replay call itself),
+    and the rest — dynamo's guards and argument gathering, AOT autograd's runtime wrappers — which
+    grows with the number of tensors the compiled frame takes (parameters and buffers included)."""
+    import unittest.mock
+
+    from torch._inductor import cudagraph_trees, output_code
+
+    spent = {"graph": 0.0, "replay": 0.0}
+
+    def timed(key, fn):
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - t
+
+        return wrapper
+
+    graph_call, replay = output_code.CompiledFxGraph.__call__, cudagraph_trees.CUDAGraphNode.run_graph
+    with (unittest.mock.patch.object(output_code.CompiledFxGraph, "__call__", timed("graph", graph_call)),
+          unittest.mock.patch.object(cudagraph_trees.CUDAGraphNode, "run_graph", timed("replay", replay))):  # fmt: skip
+        sync()
+        t = time.perf_counter()
+        for _ in range(steps):
+            call()
+        total = time.perf_counter() - t
+        sync()
+    us = {k: v / steps * 1e6 for k, v in spent.items()}
+    rest = total / steps * 1e6 - us["graph"]
+    return (f"{total / steps * 1e6:.0f} µs per call: {rest:.0f} outside inductor's graph (dynamo guards and arguments, "
+            f"AOT wrappers), {us['graph']:.0f} inside it (CUDA-graph replay call {us['replay']:.0f})")  # fmt: skip
+
+
 def _kernel_profile(step, device, top: int = 8) -> str:
     """Kernels one decode step launches (count, device time, the costliest), to see where a
     compiled model's time goes. On CPU: the top operators by CPU time."""
@@ -260,8 +300,9 @@ def _kernel_profile(step, device, top: int = 8) -> str:
     return f"{calls} {'kernels' if cuda else 'ops'}, {total:.0f} µs; top: {head}"
 
 
-def bench_e2e(device, layers: int | None = None, steps: int = 64, rows: str = "all"):
+def bench_e2e(device, layers: int | None = None, steps: int = 64, rows: str = "all", host_profile: bool = False):
     """SmolLM2-shaped decode: int4 g32 under backend='decomp' vs the dense model under inductor.
+    ``host_profile``: the compiled rows also split their host time (:func:`_host_split`).
 
     ``rows="ours-compiled"``: only the compiled int4 model (a short GPU session's diagnostic run;
     the dense rows do not change between runs of our code)."""
@@ -287,9 +328,10 @@ def bench_e2e(device, layers: int | None = None, steps: int = 64, rows: str = "a
         if _late(f"e2e {label}"):
             break
         torch._dynamo.reset()
-        d = _guard(f"e2e dense {label}", _decode_timer, dense, dense_kw, 32, steps, device) if rows == "all" else None
+        prof = host_profile and dense_kw is not None
+        d = _guard(f"e2e dense {label}", _decode_timer, dense, dense_kw, 32, steps, device, prof) if rows == "all" else None
         torch._dynamo.reset()
-        q = _guard(f"e2e int4 {label}", _decode_timer, optimized, ours_kw, 32, steps, device)
+        q = _guard(f"e2e int4 {label}", _decode_timer, optimized, ours_kw, 32, steps, device, prof)
         results = [("dense fp16", d, dense_kw, None), ("int4 g32 layers", q, ours_kw, d)]
         if cuda and ours_kw is not None and not _late("e2e ungrouped"):
             # the same without sibling grouping / norm folding (mode= and options= do not combine:

@@ -223,8 +223,9 @@ def bench_monarch(device, dtype):
         "kernel eager (do_bench)",
         "stage 1 alone (two-stage rows)",
         "tuned stage 1 / stage 2",
+        "floor: x copied once / twice",
     )
-    _print_row(*["---"] * 11)
+    _print_row(*["---"] * 12)
     for n, b in MONARCH_SHAPES:
         p = n // b
 
@@ -249,13 +250,18 @@ def bench_monarch(device, dtype):
             ours = _cold(functools.partial(make, fn=K.monarch_linear))
             ref = _cold(functools.partial(make, fn=K.monarch_linear_ref))
             eager = _bench(K.monarch_linear, torch.randn(m, n, device=device, dtype=dtype), *factors(), n)
-            first, tuned = "—", "—"
+            first, tuned, floor = "—", "—", "—"
             if m > K.GEMV_MAX_ROWS:  # where the time goes between the two stages (the rest is stage 2)
                 first = f"{_cold(functools.partial(make, fn=lambda x, L, R, n: K.stage1(x, R))) * 1e3:.1f} µs"
                 tuned = f"{_tuned_config(K.stage1_kernel())} / {_tuned_config(K.stage2_kernel())}"
+                # what one and two launches cost that only move the activations (x → y, x → g → y;
+                # each pass reads and writes m·n values, as each stage does)
+                once = _cold(functools.partial(make, fn=lambda x, L, R, n: x.clone()))
+                twice = _cold(functools.partial(make, fn=lambda x, L, R, n: x.clone().clone()))
+                floor = f"{once * 1e3:.1f} / {twice * 1e3:.1f} µs"
             ratio = dense / ours
             _print_row(f"{m} × {n}", f"{b}, 1", f"{dense * 1e3:.1f} µs", f"{ours * 1e3:.1f} µs", f"{ratio:.2f}×", "≥ 3×",
-                       "yes" if ratio >= 3 else "no", f"{ref * 1e3:.1f} µs", f"{eager * 1e3:.1f} µs", first, tuned)  # fmt: skip
+                       "yes" if ratio >= 3 else "no", f"{ref * 1e3:.1f} µs", f"{eager * 1e3:.1f} µs", first, tuned, floor)  # fmt: skip
     for shape in MONARCH_LANDSCAPE:
         _monarch_landscape(device, dtype, *shape)
 
