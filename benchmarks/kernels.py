@@ -75,8 +75,10 @@ def main(argv=None) -> int:
                         help="speed sections to run, comma-separated, in this order (e2e also needs --e2e)")  # fmt: skip
     parser.add_argument("--checks", default="lowrank,dequant,monarch,blockdiag,kronecker,int8 outliers,modules",
                         help="correctness sections to run, comma-separated (a short GPU session checks what changed)")  # fmt: skip
-    parser.add_argument("--e2e-rows", choices=("all", "ours-compiled"), default="all",
-                        help="ours-compiled: only the compiled int4 model (short GPU sessions)")  # fmt: skip
+    parser.add_argument("--e2e-rows", choices=("all", "compiled", "ours-compiled"), default="all",
+                        help="compiled: no eager rows; ours-compiled: only the compiled int4 model (short GPU sessions)")  # fmt: skip
+    parser.add_argument("--e2e-guard-filter", action="store_true",
+                        help="both models also compiled with dynamo's nn-module guards skipped (host time per step)")  # fmt: skip
     parser.add_argument(
         "--e2e-host-profile",
         action="store_true",
@@ -124,7 +126,14 @@ def main(argv=None) -> int:
     # by default the end-to-end rows right after the GEMV tables: the product-level number, not to be cut by the budget
     sections = [("dequant", bench_dequant)]
     if args.e2e:
-        sections.append(("e2e", lambda d, t: bench_e2e(d, rows=args.e2e_rows, host_profile=args.e2e_host_profile)))
+        sections.append(
+            (
+                "e2e",
+                lambda d, t: bench_e2e(
+                    d, rows=args.e2e_rows, host_profile=args.e2e_host_profile, guard_filter=args.e2e_guard_filter
+                ),
+            )
+        )
     sections += [("lowrank", bench_lowrank), ("monarch", bench_monarch), ("blockdiag", bench_blockdiag),
                  ("kronecker", bench_kronecker), ("int8outlier", bench_int8_outlier),
                  ("proxy", lambda d, t: bench_decode_proxy(d, t, 30))]  # fmt: skip

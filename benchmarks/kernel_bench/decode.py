@@ -163,7 +163,9 @@ def _decode_timer(model, compile_kwargs, prompt: int, steps: int, device, host_p
 
     # every call takes a cache slot (the 3 compiling calls, the timed steps, the profiled ones)
     cache = StaticCache(config=model.config, max_cache_len=prompt + 2 * steps + 8)
-    fwd = torch.compile(model, **compile_kwargs) if compile_kwargs is not None else model
+    # torch.compile pops guard_filter_fn out of options: each compile gets its own copy
+    kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in (compile_kwargs or {}).items()}
+    fwd = torch.compile(model, **kwargs) if compile_kwargs is not None else model
     counters.clear()
     notes = _CompileNotes() if compile_kwargs is not None else None
     ids = torch.arange(1, prompt + 1, device=device)[None] % model.config.vocab_size
@@ -300,12 +302,16 @@ def _kernel_profile(step, device, top: int = 8) -> str:
     return f"{calls} {'kernels' if cuda else 'ops'}, {total:.0f} µs; top: {head}"
 
 
-def bench_e2e(device, layers: int | None = None, steps: int = 64, rows: str = "all", host_profile: bool = False):
+def bench_e2e(device, layers: int | None = None, steps: int = 64, rows: str = "all", host_profile: bool = False,
+              guard_filter: bool = False):  # fmt: skip
     """SmolLM2-shaped decode: int4 g32 under backend='decomp' vs the dense model under inductor.
-    ``host_profile``: the compiled rows also split their host time (:func:`_host_split`).
 
-    ``rows="ours-compiled"``: only the compiled int4 model (a short GPU session's diagnostic run;
-    the dense rows do not change between runs of our code)."""
+    ``rows``: ``"all"``; ``"compiled"`` (no eager rows); ``"ours-compiled"`` (only the compiled int4
+    model: a short GPU session's diagnostic run). ``host_profile``: the compiled rows also split
+    their host time (:func:`_host_split`). ``guard_filter``: both models compiled once more with
+    ``torch.compiler.skip_guard_on_all_nn_modules_unsafe`` as dynamo's guard filter — a
+    decode step's host time is mostly guards and arguments, which grow with the tensors a model
+    holds (an int4 linear holds three: codes, scales, minima)."""
     print("\n### SmolLM2-135M-shaped decode, batch 1: torch.compile(backend='decomp') vs dense + inductor\n")
     print("random weights of SmolLM2-135M's shapes (speed depends on shapes and formats, not values); "
           f"static KV cache, 32-token prompt, {steps} decode steps; mode='reduce-overhead' = CUDA graphs\n")  # fmt: skip
@@ -319,24 +325,34 @@ def bench_e2e(device, layers: int | None = None, steps: int = 64, rows: str = "a
     _print_row(*["---"] * 7)
     cuda = device == "cuda"
     modes = [("eager", None, None)] if rows == "all" else []
+    # inductor takes mode= or options=, not both: reduce-overhead is its triton.cudagraphs patch
+    graphs = {"triton.cudagraphs": True} if cuda else {}
     if cuda:
         modes += [("torch.compile, reduce-overhead", {"backend": "inductor", "mode": "reduce-overhead"},
                    {"backend": "decomp", "mode": "reduce-overhead"})]  # fmt: skip
     else:
         modes += [("torch.compile", {"backend": "inductor"}, {"backend": "decomp"})]
+    if guard_filter:
+        skip = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+        modes += [(f"torch.compile{', CUDA graphs' if cuda else ''}, nn-module guards skipped",
+                   {"backend": "inductor", "options": {**graphs, "guard_filter_fn": skip}},
+                   {"backend": "decomp", "options": {"inductor": graphs, "guard_filter_fn": skip}})]  # fmt: skip
     for label, dense_kw, ours_kw in modes:
         if _late(f"e2e {label}"):
             break
         torch._dynamo.reset()
         prof = host_profile and dense_kw is not None
-        d = _guard(f"e2e dense {label}", _decode_timer, dense, dense_kw, 32, steps, device, prof) if rows == "all" else None
+        d = (
+            _guard(f"e2e dense {label}", _decode_timer, dense, dense_kw, 32, steps, device, prof)
+            if rows != "ours-compiled"
+            else None
+        )
         torch._dynamo.reset()
         q = _guard(f"e2e int4 {label}", _decode_timer, optimized, ours_kw, 32, steps, device, prof)
         results = [("dense fp16", d, dense_kw, None), ("int4 g32 layers", q, ours_kw, d)]
-        if cuda and ours_kw is not None and not _late("e2e ungrouped"):
-            # the same without sibling grouping / norm folding (mode= and options= do not combine:
-            # reduce-overhead is inductor's triton.cudagraphs patch)
-            ungrouped_kw = {"backend": "decomp", "options": {"group_siblings": False, "inductor": {"triton.cudagraphs": True}}}
+        if cuda and rows == "all" and label.endswith("reduce-overhead") and not _late("e2e ungrouped"):
+            # the same without sibling grouping / norm folding
+            ungrouped_kw = {"backend": "decomp", "options": {"group_siblings": False, "inductor": graphs}}
             torch._dynamo.reset()
             u = _guard(f"e2e int4 ungrouped {label}", _decode_timer, optimized, ungrouped_kw, 32, steps, device)
             results.append(("int4 g32 layers, siblings not grouped", u, ungrouped_kw, d))
