@@ -30,7 +30,14 @@ dependent launch (``griddepcontrol``: scheduled while stage 1's last programs ru
 their stores) was measured (run 9c) and not kept: 9.8 vs 9.3 µs there, 1–7 % elsewhere. Nor was
 one launch for both stages (run 9d: a 1-D grid of stage-1 then stage-2 tiles, each stage-2 tile
 waiting on an acquire counter its row's stage-1 tiles release — correct on the card, but 10.5 vs
-9.1 µs at 512 rows and 53.5 vs 52.4 at 4096).
+9.1 µs at 512 rows and 53.5 vs 52.4 at 4096). Run 10 measured the floor: two launches that only
+copy the activations (x → g → y, each reading and writing m·n values as each stage does) take
+6.4 µs at 512 × 4096 (one launch 3.9), 48.2 µs at 4096 × 4096 against the stages' 51.4 — so at
+4096 rows the stages run at the copies' pace, at 512 rows 3 µs over it. Persistent stages (1–4
+programs per SM over a flattened tile × k loop, so that one tile's loads overlap the last's math
+and store) and a stage 1 that prefetches stage 2's weights into L2 (``prefetch.global.L2``) were
+measured too (run 10b): 9.0–10.8 against 9.1 µs at 512 rows, 52.6–65.8 against 52.5 at 4096; not
+kept.
 
 A one-launch prefill kernel (stage 1 for a group of input blocks fed straight into stage 2's
 accumulator, x read ``b/16`` times from L2) was built and measured on an H100 (run 7): 37.9 µs
