@@ -80,3 +80,22 @@ def test_benchmark_sections_run_at_tiny_sizes(device, capsys, monkeypatch):
     assert len(int8) == 2 and all(line.count("µs") == 3 for line in int8)
     kron = [line for line in out.splitlines() if line.startswith(("| 1 × 256 | 2 |", "| 17 × 256 | 2 |"))]
     assert len(kron) == 2 and all(line.count("µs") == 3 for line in kron)
+
+
+def test_host_split_times_inside_the_compiled_graph():
+    """The e2e host split patches inductor's compiled-graph call: a renamed hook would read 0 µs inside."""
+    import re
+
+    _load()
+    from kernel_bench.decode import _host_split
+
+    torch._dynamo.reset()
+    lin = torch.nn.Linear(8, 8)
+    step = torch.compile(lin, backend="inductor")
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        step(x)
+        line = _host_split(lambda: step(x), 20, lambda: None)
+    total, outside, inside = (int(v) for v in re.findall(r"(\d+) (?:µs per call|outside|inside)", line))
+    assert inside > 0 and outside > 0 and abs(total - outside - inside) <= 1, line
+    torch._dynamo.reset()
