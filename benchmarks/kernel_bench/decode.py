@@ -309,9 +309,9 @@ def bench_e2e(device, layers: int | None = None, steps: int = 64, rows: str = "a
     ``rows``: ``"all"``; ``"compiled"`` (no eager rows); ``"ours-compiled"`` (only the compiled int4
     model: a short GPU session's diagnostic run). ``host_profile``: the compiled rows also split
     their host time (:func:`_host_split`). ``guard_filter``: both models compiled once more with
-    ``torch.compiler.skip_guard_on_all_nn_modules_unsafe`` as dynamo's guard filter — a
-    decode step's host time is mostly guards and arguments, which grow with the tensors a model
-    holds (an int4 linear holds three: codes, scales, minima)."""
+    ``torch.compiler.skip_guard_on_all_nn_modules_unsafe`` as dynamo's guard filter — about half
+    of a compiled decode step's host time is guards, arguments and AOT wrappers, which grow with
+    the tensors a model holds (an int4 linear holds three: codes, scales, minima; H100 run 10)."""
     print("\n### SmolLM2-135M-shaped decode, batch 1: torch.compile(backend='decomp') vs dense + inductor\n")
     print("random weights of SmolLM2-135M's shapes (speed depends on shapes and formats, not values); "
           f"static KV cache, 32-token prompt, {steps} decode steps; mode='reduce-overhead' = CUDA graphs\n")  # fmt: skip
