@@ -227,13 +227,6 @@ def bench_monarch(device, dtype):
     )
     _print_row(*["---"] * 12)
     for n, b in MONARCH_SHAPES:
-        p = n // b
-
-        def factors(n=n, b=b, p=p):
-            return torch.randn(b, p, b, device=device, dtype=dtype) / b**0.5, torch.randn(
-                b, b, p, device=device, dtype=dtype
-            ) / p**0.5
-
         for m in MONARCH_ROWS:
             if _late("Monarch"):
                 return
@@ -242,14 +235,14 @@ def bench_monarch(device, dtype):
                 x, w = (torch.randn(m, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype))
                 return (lambda: F.linear(x, w)), _nbytes(x, w)
 
-            def make(i, fn, m=m, n=n):
-                x, (L, R) = torch.randn(m, n, device=device, dtype=dtype), factors()
+            def make(i, fn, m=m, n=n, b=b):
+                x, L, R = _monarch_operands(i, m, n, b, device, dtype)
                 return (lambda: fn(x, L, R, n)), _nbytes(x, L, R) + m * n * x.element_size()
 
             dense = _cold(make_dense)
             ours = _cold(functools.partial(make, fn=K.monarch_linear))
             ref = _cold(functools.partial(make, fn=K.monarch_linear_ref))
-            eager = _bench(K.monarch_linear, torch.randn(m, n, device=device, dtype=dtype), *factors(), n)
+            eager = _bench(K.monarch_linear, *_monarch_operands(0, m, n, b, device, dtype), n)
             first, tuned, floor = "—", "—", "—"
             if m > K.GEMV_MAX_ROWS:  # where the time goes between the two stages (the rest is stage 2)
                 first = f"{_cold(functools.partial(make, fn=lambda x, L, R, n: K.stage1(x, R))) * 1e3:.1f} µs"
@@ -266,6 +259,16 @@ def bench_monarch(device, dtype):
         _monarch_landscape(device, dtype, *shape)
 
 
+def _monarch_operands(i, m, n, b, device, dtype):
+    """Copy ``i`` of a Monarch row's operands: ``x (m, n)``, ``L``, ``R`` with ``b`` square blocks."""
+    p = n // b
+    g = torch.Generator(device=device).manual_seed(i)
+    x = torch.randn(m, n, device=device, dtype=dtype, generator=g)
+    L = torch.randn(b, p, b, device=device, dtype=dtype, generator=g) / b**0.5
+    R = torch.randn(b, b, p, device=device, dtype=dtype, generator=g) / p**0.5
+    return x, L, R
+
+
 #: (rows, n, blocks) of the per-config Monarch tables: the two-stage rows at n = 4096.
 MONARCH_LANDSCAPE = [(512, 4096, 64), (4096, 4096, 64)]
 
@@ -275,17 +278,13 @@ def _monarch_landscape(device, dtype, m, n, b):
     timed alone at one shape: which tile moves the time."""
     from codegen.kernels import monarch as K
 
-    p = n // b
     print(f"\n### Monarch tuning configs, each alone, {m} × {n}, {b} blocks (CUDA graph, cold operands)\n")
     _print_row("kernel timed", "config", "time", "HBM GB/s (each of x, g, y moved once)")
     _print_row(*["---"] * 4)
     tensor = m * n * torch.tensor([], dtype=dtype).element_size()
 
     def make(i, fn):
-        g = torch.Generator(device=device).manual_seed(i)
-        x = torch.randn(m, n, device=device, dtype=dtype, generator=g)
-        L = torch.randn(b, p, b, device=device, dtype=dtype, generator=g) / b**0.5
-        R = torch.randn(b, b, p, device=device, dtype=dtype, generator=g) / p**0.5
+        x, L, R = _monarch_operands(i, m, n, b, device, dtype)
         return (lambda: fn(x, L, R)), _nbytes(x, L, R) + m * n * x.element_size()
 
     def label(config):
